@@ -1,0 +1,85 @@
+"""A headless run: stack up -> Locust -> load stops -> drain -> run directory written -> stack down."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from loadtests.runner import LocustRun, completion_listener
+from loadtests.scenarios import get_scenario
+from reports.recorder import Recorder
+from reports.render import write_rendered
+from reports.report import build_report, write_json
+from stack.settings import Settings
+from stack.supervisor import StartupError, Stack
+from stack.tasks import retry_policy
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def execute_run(settings: Settings, run_dir: Path, console: Console) -> int:
+    scenario = get_scenario(settings.scenario)
+    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
+    console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
+    try:
+        with console.status("starting the stack (broker, workers, producer API)…"):
+            stack = Stack(settings, run_dir).__enter__()
+    except StartupError as exc:
+        console.print(f"[bold red]error:[/] the stack did not start: {exc}")
+        return EXIT_FAILED
+    try:
+        return _run_on(stack, scenario, run_dir, console)
+    finally:
+        with console.status("stopping the stack…"):
+            stack.stop()
+
+
+def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
+    settings = stack.settings
+    write_json(run_dir / "settings.json", settings.masked())
+    load = LocustRun(settings, scenario, run_dir / "locust")
+    recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+                        on_completion=completion_listener(load.environment)).start()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                      TimeRemainingColumn(), console=console, transient=False) as progress:
+            bar = progress.add_task(f"load ({load.users} users, {load.duration_s:g}s)", total=1.0, detail="")
+
+            def tick(fraction: float, stats: dict) -> None:
+                c = recorder.counts
+                progress.update(bar, completed=min(1.0, fraction),
+                                detail=f"{c['submitted']} sent, {c['succeeded'] + c['failed']} done, "
+                                       f"{recorder.outstanding} in flight")
+
+            load.run(tick)
+            progress.update(bar, completed=1.0)
+            recorder.mark_load_stopped()
+            drain = progress.add_task(f"drain (≤ {settings.drain_timeout_s:g}s)", total=None, detail="")
+            drained = recorder.drain(settings.drain_timeout_s,
+                                     tick=lambda left: progress.update(drain, detail=f"{left} in flight"))
+        if not drained:
+            recorder.reconcile(stack.app)
+    finally:
+        recorder.close()
+    recorded = recorder.summary()
+    report = build_report(scenario=scenario.name, settings_masked=settings.masked(), started_at=load.started_at,
+                          load_stopped_at=load.stopped_at, recorded=recorded, locust=load.stats(),
+                          retry_policy=retry_policy(settings), drained=drained,
+                          extra={"artefacts": {"settings": "settings.json", "locust CSV": "locust/",
+                                               "process logs": "logs/"}})
+    write_json(run_dir / "report.json", report)
+    write_rendered(run_dir, report)
+    _print_summary(report, run_dir, console)
+    return EXIT_OK
+
+
+def _print_summary(report: dict, run_dir: Path, console: Console) -> None:
+    t, lat = report["tasks"], report["latency_ms"]
+    console.print(f"[bold]{report['verdict']['status'].upper()}[/]  submitted {t['submitted']}  succeeded {t['succeeded']}"
+                  f"  failed {t['failed']}  retried {t['retried']}  lost {t['lost']}  "
+                  f"completed/s {report['throughput']['completed_per_s']:.1f}")
+    console.print("latency ms p50/p95/p99: " + "  ".join(
+        f"{p} {lat[p]['p50']:.1f}/{lat[p]['p95']:.1f}/{lat[p]['p99']:.1f}" for p in lat))
+    console.print(f"report: {run_dir / 'report.html'}")

@@ -1,0 +1,84 @@
+"""Runs a scenario headless with Locust as a library, writing Locust's own CSV stats and history."""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Callable
+
+import gevent
+import locust
+from locust.env import Environment
+from locust.stats import StatsCSVFileWriter, stats_history
+
+from loadtests.scenarios import Scenario
+from loadtests.users import build_user_classes
+from stack.settings import Settings
+
+CSV_PERCENTILES = [0.5, 0.9, 0.95, 0.99, 1.0]
+
+
+def completion_listener(environment: Environment) -> Callable[[str, str, float | None], None]:
+    """Recorder callback that reports each finished task to Locust as an ``end_to_end`` request."""
+    fire = environment.events.request.fire
+
+    def on_completion(task_name: str, state: str, end_to_end_s: float | None) -> None:
+        fire(request_type="celery", name=f"end_to_end {task_name}",
+             response_time=(end_to_end_s or 0.0) * 1000, response_length=0,
+             exception=None if state == "SUCCESS" else RuntimeError(f"task {state}"), context={})
+
+    return on_completion
+
+
+class LocustRun:
+    def __init__(self, settings: Settings, scenario: Scenario, out_dir: Path):
+        self.settings = settings
+        self.scenario = scenario
+        self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=locust.events,
+                                       host=settings.api_url)
+        self.out_dir = Path(out_dir)
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+
+    @property
+    def users(self) -> int:
+        return self.settings.users or self.scenario.users
+
+    @property
+    def duration_s(self) -> float:
+        return self.settings.duration or self.scenario.duration_s
+
+    def run(self, tick: Callable[[float, dict], None] | None = None) -> None:
+        """Blocks (cooperatively) for the load duration."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        env = self.environment
+        runner = env.create_local_runner()
+        writer = StatsCSVFileWriter(env, CSV_PERCENTILES, str(self.out_dir / "locust"), full_history=True)
+        greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
+        self.started_at = time.time()
+        runner.start(self.users, spawn_rate=self.settings.spawn_rate or self.scenario.spawn_rate)
+        end = time.monotonic() + self.duration_s
+        try:
+            while time.monotonic() < end:
+                gevent.sleep(min(0.5, max(0.0, end - time.monotonic())))
+                if tick is not None:
+                    tick(1 - (end - time.monotonic()) / self.duration_s, self.stats())
+        finally:
+            runner.stop()
+            self.stopped_at = time.time()
+            runner.quit()
+            gevent.killall(greenlets)
+            writer.close_files()
+            self._write_final_csv(writer)
+
+    def _write_final_csv(self, writer: StatsCSVFileWriter) -> None:
+        # the periodic writer may have last run up to a second before the stop: rewrite the totals once more
+        for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv),
+                              ("_exceptions.csv", writer.exceptions_csv)):
+            with open(str(self.out_dir / "locust") + suffix, "w", newline="") as handle:
+                write(csv.writer(handle))
+
+    def stats(self) -> dict:
+        total = self.environment.stats.total
+        return {"requests": total.num_requests, "failures": total.num_failures,
+                "rps": round(total.total_rps, 3)}

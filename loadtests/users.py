@@ -1,0 +1,103 @@
+"""Locust users. ``CeleryUser`` publishes with ``send_task`` (the producer as a library) and fires a ``publish``
+request event; ``end_to_end`` events come from the run's recorder as tasks finish, so the task loop never blocks
+on results. ``ApiUser`` submits through the producer API and polls the status URL like an HTTP client would."""
+from __future__ import annotations
+
+import random
+import time
+
+import gevent
+from locust import FastHttpUser, User, constant_throughput, task
+
+from loadtests.scenarios import Scenario
+from stack.settings import Settings
+from stack.tasks import TASK_ARGS, full_name
+
+_celery_app = None
+
+
+def celery_client(settings: Settings):
+    """One Celery app per Locust process, created on first use (after any fork), with a connection pool large
+    enough for many greenlets publishing at once."""
+    global _celery_app
+    if _celery_app is None:
+        from stack.app import make_app
+
+        _celery_app = make_app(settings)
+        _celery_app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
+    return _celery_app
+
+
+class _Mix:
+    def __init__(self, scenario: Scenario):
+        self.choices = [(c.task, TASK_ARGS[c.task].model_validate(c.kwargs)) for c in scenario.mix]
+        self.weights = [c.weight for c in scenario.mix]
+
+    def pick(self):
+        return random.choices(self.choices, weights=self.weights, k=1)[0]
+
+
+class CeleryUser(User):
+    abstract = True
+    settings: Settings
+    mix: _Mix
+
+    @task
+    def submit(self):
+        name, args = self.mix.pick()
+        kwargs = args.call_kwargs()
+        app = celery_client(self.settings)
+        started = time.perf_counter()
+        exception = None
+        try:
+            app.send_task(full_name(name), kwargs=kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
+            exception = exc
+        self.environment.events.request.fire(
+            request_type="celery", name=f"publish {name}", response_time=(time.perf_counter() - started) * 1000,
+            response_length=0, exception=exception, context={})
+
+
+class ApiUser(FastHttpUser):
+    abstract = True
+    settings: Settings
+    mix: _Mix
+    poll_interval_s = 0.05
+    poll_deadline_s = 60.0
+
+    @task
+    def submit_and_poll(self):
+        name, args = self.mix.pick()
+        with self.client.post(f"/tasks/{name}", json=args.model_dump(), name=f"/tasks/{name}",
+                              catch_response=True) as response:
+            if response.status_code != 202:
+                response.failure(f"submit answered {response.status_code}")
+                return
+            status_url = response.json()["status_url"]
+        deadline = time.monotonic() + self.poll_deadline_s
+        while time.monotonic() < deadline:
+            with self.client.get(status_url, name="/tasks/[id]", catch_response=True) as response:
+                if response.status_code != 200:
+                    response.failure(f"status answered {response.status_code}")
+                    return
+                if response.json()["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
+                    return
+            gevent.sleep(self.poll_interval_s)
+
+
+def build_user_classes(settings: Settings, scenario: Scenario) -> list[type[User]]:
+    """Concrete user classes for a scenario, carrying the settings (no second source of defaults)."""
+    mix = _Mix(scenario)
+    rate = scenario.rate_per_user
+    classes: list[type[User]] = []
+    celery_weight = round((1 - scenario.api_share) * 100)
+    api_weight = 100 - celery_weight
+    if celery_weight:
+        classes.append(type("CeleryTaskUser", (CeleryUser,), {
+            "abstract": False, "settings": settings, "mix": mix, "weight": celery_weight,
+            "wait_time": constant_throughput(rate), "__module__": __name__}))
+    if api_weight and settings.api_url:
+        classes.append(type("ApiTaskUser", (ApiUser,), {
+            "abstract": False, "settings": settings, "mix": mix, "weight": api_weight, "host": settings.api_url,
+            "wait_time": constant_throughput(rate), "__module__": __name__}))
+    return classes

@@ -1,0 +1,181 @@
+"""Renders a run's report.json as a self-contained ``report.html`` (plots inline as SVG, no network at view time)
+and a short ``summary.md`` for a pull-request comment."""
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+from reports.recorder import REPORT_PHASES
+
+PHASE_LABELS = {"publish": "publish", "queue_wait": "queue wait", "execution": "execution",
+                "result_store": "result store", "end_to_end": "end to end"}
+VERDICT_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
+
+
+def _svg(fig) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def timeseries_plot(rows: list[dict]) -> str | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t_s"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True)
+    top.plot(t, [r["submitted_per_s"] for r in rows], label="submitted/s", color="#0969da")
+    top.plot(t, [r["completed_per_s"] for r in rows], label="completed/s", color="#1a7f37")
+    if any(r["failed_per_s"] for r in rows):
+        top.plot(t, [r["failed_per_s"] for r in rows], label="failed/s", color="#cf222e")
+    if any(r["retried_per_s"] for r in rows):
+        top.plot(t, [r["retried_per_s"] for r in rows], label="retried/s", color="#9a6700", linestyle="--")
+    top.set_ylabel("tasks per second")
+    top.legend(loc="upper right", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(t, [r["end_to_end_p50_ms"] for r in rows], label="end-to-end p50", color="#8250df")
+    bottom.plot(t, [r["end_to_end_p95_ms"] for r in rows], label="end-to-end p95", color="#bf3989")
+    bottom.set_ylabel("latency (ms)")
+    bottom.set_xlabel("seconds since the first task was sent")
+    bottom.legend(loc="upper right", fontsize=8)
+    bottom.grid(alpha=0.3)
+    fig.suptitle("Throughput and latency over time", fontsize=11)
+    return _svg(fig)
+
+
+def _table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(
+            f"<td class='{'num' if i >= numeric_from else ''}'>{html.escape(_fmt(v))}</td>" for i, v in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def render_html(report: dict) -> str:
+    tasks, lat, v = report["tasks"], report["latency_ms"], report.get("verdict", {"status": "pass", "problems": []})
+    colour = VERDICT_COLOURS.get(v["status"], "#57606a")
+    problems = "; ".join(v["problems"]) or "every submitted task reached a terminal state"
+    headline = (f"{tasks['submitted']:,} tasks submitted, {tasks['succeeded']:,} succeeded, {tasks['failed']:,} failed, "
+                f"{tasks['lost']:,} lost · {report['throughput']['completed_per_s']:.1f} completed/s · "
+                f"end-to-end p95 {lat['end_to_end']['p95']:.1f} ms")
+    phases = [[PHASE_LABELS[p], lat[p]["count"], lat[p]["mean"], lat[p]["p50"], lat[p]["p90"], lat[p]["p95"],
+               lat[p]["p99"], lat[p]["max"]] for p in REPORT_PHASES]
+    extra = report.get("latency_ms_extra", {})
+    if "result_store" in extra:
+        s = extra["result_store"]
+        phases.insert(3, [PHASE_LABELS["result_store"], s["count"], s["mean"], s["p50"], s["p90"], s["p95"], s["p99"],
+                          s["max"]])
+    by_task = [[name, s["count"], s["mean"], s["p50"], s["p95"], s["p99"], s["max"]]
+               for name, s in extra.get("end_to_end_by_task", {}).items()]
+    ledger_rows = [[k.replace("_", " "), tasks[k]] for k in
+                   ("submitted", "succeeded", "failed", "revoked", "retried", "pending_at_end", "lost", "duplicates")
+                   if k in tasks]
+    retries = report["retries"]
+    retry_rows = [["tasks retried", retries["tasks_retried"]], ["exhausted (failed after max retries)", retries["exhausted"]]]
+    retry_rows += [[f"finished after {k} attempt(s)", n] for k, n in retries["attempts"].items()]
+    retry_rows += [[f"observed backoff {k}", f"{val:.3f} s"] for k, val in retries["backoff_observed_s"].items()]
+    policy = ", ".join(f"{k}={v}" for k, v in retries.get("policy", {}).items())
+    settings_rows = [[k, v] for k, v in report["settings"].items()]
+    plot = timeseries_plot(report.get("timeseries", []))
+    locust = report["locust"]
+    lost_ids = report.get("drain", {}).get("lost_ids", [])
+    artefacts = report.get("artefacts", {})
+    sections = [
+        f"<header style='border-left:8px solid {colour}'><h1>loadlab · {html.escape(report['scenario'])} · "
+        f"<span style='color:{colour}'>{v['status'].upper()}</span></h1>"
+        f"<p class='headline'>{html.escape(headline)}</p><p>{html.escape(problems)}</p>"
+        f"<p class='meta'>started {html.escape(report['started_at'])} · load {report['duration_s']:.1f} s · "
+        f"Locust {locust['requests']:,} requests, {locust['failures']:,} failures, {locust['rps']:.1f} req/s</p></header>",
+        "<section><h2>Task ledger</h2>" + _table(["", "tasks"], ledger_rows) +
+        "<p class='note'>submitted = succeeded + failed + revoked + lost; a task that retried and then succeeded "
+        "counts once, as succeeded. pending at end = not finished when the load stopped (before the drain).</p></section>",
+        "<section><h2>Phase latencies (ms, HDR histograms)</h2>" +
+        _table(["phase", "count", "mean", "p50", "p90", "p95", "p99", "max"], phases) +
+        "<p class='note'>publish: apply_async until the broker accepted the message · queue wait: sent (or retry "
+        "ETA) → started · execution: started → body returned · result store: body returned → result stored · "
+        "end to end: first sent → final result stored.</p></section>",
+    ]
+    if plot:
+        sections.append(f"<section><h2>Over time</h2>{plot}</section>")
+    if by_task:
+        sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
+                        _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
+    sections.append("<section><h2>Retries</h2>" + _table(["", "value"], retry_rows) +
+                    f"<p class='note'>policy: {html.escape(policy)}</p></section>")
+    if lost_ids:
+        sections.append("<section><h2>Lost task ids</h2><pre>" + html.escape("\n".join(lost_ids)) + "</pre></section>")
+    if report.get("gates"):
+        gate_rows = [[g["rule"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL"] for g in report["gates"]]
+        sections.append("<section><h2>Gates</h2>" + _table(["rule", "value", "threshold", "verdict"], gate_rows) +
+                        "</section>")
+    sections.append("<section><h2>Settings</h2>" + _table(["setting", "value"], settings_rows, numeric_from=9) +
+                    "</section>")
+    if artefacts:
+        sections.append("<section><h2>Files of this run</h2>" +
+                        _table(["what", "where"], [[k, v] for k, v in artefacts.items()], numeric_from=9) + "</section>")
+    style = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1000px;color:#1f2328}
+header{padding:8px 16px;background:#f6f8fa;border-radius:6px} h1{font-size:22px;margin:8px 0}
+.headline{font-size:16px;font-weight:600} .meta,.note{color:#57606a;font-size:13px}
+h2{font-size:17px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;font-size:14px} th,td{padding:4px 12px;border-bottom:1px solid #eaeef2;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums} svg{max-width:100%;height:auto}
+pre{background:#f6f8fa;padding:8px;font-size:12px}
+"""
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>loadlab report · {html.escape(report['scenario'])}</title><style>{style}</style></head><body>"
+            + "".join(sections) + "</body></html>")
+
+
+def render_markdown(report: dict) -> str:
+    tasks, lat = report["tasks"], report["latency_ms"]
+    v = report.get("verdict", {"status": "pass", "problems": []})
+    lines = [
+        f"### loadlab · `{report['scenario']}` · **{v['status'].upper()}**",
+        "",
+        f"{tasks['submitted']:,} submitted · {tasks['succeeded']:,} succeeded · {tasks['failed']:,} failed · "
+        f"{tasks['retried']:,} retries · {tasks['lost']:,} lost · "
+        f"{report['throughput']['completed_per_s']:.1f} completed/s over {report['duration_s']:.0f} s",
+        "",
+        "| phase | p50 ms | p95 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for p in REPORT_PHASES:
+        s = lat[p]
+        lines.append(f"| {PHASE_LABELS[p]} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['max']:.2f} |")
+    if v["problems"]:
+        lines += ["", "Problems: " + "; ".join(v["problems"]) + "."]
+    if report.get("gates"):
+        lines += ["", "| gate | value | threshold | verdict |", "|---|---:|---:|---|"]
+        for g in report["gates"]:
+            lines.append(f"| `{g['rule']}` | {_fmt(g['value'])} | {_fmt(g['threshold'])} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+    s = report["settings"]
+    lines += ["", f"<sub>broker {s['broker']} · backend {s['backend']} · {s['workers']}×{s['pool']}({s['concurrency']}) · "
+                  f"serializer {s['serializer']} · compression {s['compression']}</sub>", ""]
+    return "\n".join(lines)
+
+
+def write_rendered(run_dir: Path, report: dict) -> None:
+    run_dir = Path(run_dir)
+    (run_dir / "report.html").write_text(render_html(report))
+    (run_dir / "summary.md").write_text(render_markdown(report))

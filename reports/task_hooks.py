@@ -1,0 +1,109 @@
+"""Celery signal handlers that feed the ledger: phase timestamps travel in message headers from the first publish
+through every retry, and the worker side reports each attempt once it has stored its result.
+
+Phases (all wall-clock seconds, one machine): publish = before -> after publishing; queue_wait = attempt sent (or
+its ETA) -> started; execution = started -> task body returned; end_to_end = first sent -> result stored.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from celery import signals
+
+from reports import ledger
+
+_sink: ledger.LedgerSink | None = None
+_local = threading.local()
+_inflight: dict[str, list] = {}  # task_id -> [started_at, exception_type]; one entry per running task
+_hostname = socket.gethostname()
+
+
+def body_finished() -> None:
+    """Called by a task body as it returns, so that execution excludes storing the result."""
+    _local.body_done_at = time.time()
+
+
+def install(ledger_url: str | None, run_id: str) -> None:
+    """Connect the handlers once per process; without a ledger URL nothing is recorded."""
+    global _sink
+    if not ledger_url:
+        return
+    _sink = ledger.LedgerSink(ledger_url, run_id)
+    signals.before_task_publish.connect(_before_publish, weak=False, dispatch_uid="loadlab-ledger-before")
+    signals.after_task_publish.connect(_after_publish, weak=False, dispatch_uid="loadlab-ledger-after")
+    signals.task_prerun.connect(_prerun, weak=False, dispatch_uid="loadlab-ledger-prerun")
+    signals.task_retry.connect(_retry, weak=False, dispatch_uid="loadlab-ledger-retry")
+    signals.task_failure.connect(_failure, weak=False, dispatch_uid="loadlab-ledger-failure")
+    signals.task_postrun.connect(_postrun, weak=False, dispatch_uid="loadlab-ledger-postrun")
+    signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="loadlab-ledger-revoked")
+
+
+def _before_publish(sender=None, headers=None, **_):
+    if headers is None:
+        return
+    now = time.time()
+    headers.setdefault(ledger.HEADER_SENT_AT, now)  # kept by Task.retry: the first publish of the task
+    headers[ledger.HEADER_ATTEMPT_SENT_AT] = now
+
+
+def _after_publish(sender=None, headers=None, **_):
+    if not headers or headers.get("retries"):
+        return  # retries are reported by the worker side, not as new submissions
+    attempt_sent_at = headers.get(ledger.HEADER_ATTEMPT_SENT_AT)
+    if attempt_sent_at is None:
+        return
+    _sink.push([ledger.SENT, headers["id"], sender, headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
+                time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT)])
+
+
+def _prerun(task_id=None, **_):
+    _local.body_done_at = None
+    _inflight[task_id] = [time.time(), None]
+
+
+def _retry(request=None, reason=None, **_):
+    entry = _inflight.get(getattr(request, "id", None))
+    if entry is not None:
+        entry[1] = type(getattr(reason, "exc", None) or reason).__name__
+
+
+def _failure(task_id=None, exception=None, **_):
+    entry = _inflight.get(task_id)
+    if entry is not None:
+        entry[1] = type(exception).__name__
+
+
+def _header(request, name):
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def _postrun(task_id=None, task=None, state=None, **_):
+    finished_at = time.time()
+    started_at, exc_type = _inflight.pop(task_id, (None, None))
+    request = task.request
+    body_done_at = getattr(_local, "body_done_at", None) or finished_at
+    eta = request.eta
+    if eta is not None and not isinstance(eta, (int, float)):
+        try:
+            from datetime import datetime
+
+            eta = datetime.fromisoformat(str(eta)).timestamp()
+        except ValueError:
+            eta = None
+    _sink.push([ledger.ATTEMPT, task_id, task.name, state, _header(request, ledger.HEADER_SENT_AT),
+                _header(request, ledger.HEADER_ATTEMPT_SENT_AT), eta, started_at, body_done_at, finished_at,
+                request.retries or 0, exc_type, _header(request, ledger.HEADER_INTENDED_AT),
+                request.hostname or _hostname])
+
+
+def _revoked(request=None, **_):
+    if request is None:
+        return
+    now = time.time()
+    _sink.push([ledger.ATTEMPT, request.id, getattr(request, "name", None),
+                "REVOKED", None, None, None, None, now, now, 0, "Revoked", None, _hostname])

@@ -1,0 +1,215 @@
+"""The one settings object of loadlab.
+
+Precedence: defaults (here) <- ``LOADLAB_*`` environment <- CLI flags. The CLI builds a ``Settings`` and hands it to
+every child process (workers, API, exporter, Locust) as JSON in ``LOADLAB_SETTINGS_JSON``; a child rebuilds it with
+``Settings.from_env()``, so no process carries defaults of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SETTINGS_ENV = "LOADLAB_SETTINGS_JSON"
+
+Serializer = Literal["json", "msgpack", "yaml", "pickle"]
+Compression = Literal["none", "zlib", "bzip2", "lzma", "zstd"]
+Pool = Literal["prefork", "threads", "solo", "gevent"]
+Tracing = Literal["off", "sampled", "all"]
+OnOff = Literal["on", "off"]
+
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+BACKEND_SCHEMES = ("redis", "rediss", "db+sqlite", "db+postgresql", "db+postgresql+psycopg2", "db+mysql", "rpc")
+
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+class SettingsError(ValueError):
+    """A user-facing configuration error: one sentence naming the bad value and what is accepted."""
+
+
+def parse_duration(text: str | float | int, name: str = "duration") -> float:
+    """Locust-style durations: ``30s``, ``2m``, ``1h30m`` or plain seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        raw = str(text).strip()
+        match = _DURATION_RE.match(raw)
+        if not raw or not match or not any(match.groups()):
+            raise SettingsError(f"{name} {text!r} is not a duration; use a positive number of seconds or forms like 30s, 2m, 1h30m.")
+        hours, minutes, secs = match.groups()
+        seconds = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(secs or 0)
+    if seconds <= 0:
+        raise SettingsError(f"{name} {text!r} must be greater than zero; use forms like 30s, 2m, 1h30m.")
+    return seconds
+
+
+def mask_url(url: str | None) -> str | None:
+    """Replace the password of a URL with ``***`` so it can be logged and saved."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _check_url(value: str | None, schemes: tuple[str, ...], option: str) -> str | None:
+    if value is None or value == "":
+        return None
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in schemes:
+        raise ValueError(f"{option} {mask_url(value)!r} is not a supported URL; use one starting with "
+                         + ", ".join(f"{s}://" for s in schemes) + ".")
+    if scheme.startswith("db+sqlite"):
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"{option} {mask_url(value)!r} is malformed ({exc}); use e.g. {schemes[0]}://127.0.0.1/0.") from None
+    if scheme != "rpc" and not parts.hostname:
+        raise ValueError(f"{option} {mask_url(value)!r} names no host; use e.g. {schemes[0]}://127.0.0.1/0.")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of a loadlab stack and run. Field names are the CLI flags (``--prefetch-multiplier``) and the
+    environment variables (``LOADLAB_PREFETCH_MULTIPLIER``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOADLAB_", extra="forbid", validate_assignment=True)
+
+    # --- stack -------------------------------------------------------------------------------------------------
+    broker: str | None = Field(None, description="Broker URL (redis://, amqp://); unset = embedded Redis")
+    backend: str | None = Field(None, description="Result backend URL (redis://, db+sqlite:///, db+postgresql://); unset = embedded Redis or the broker's Redis")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes")
+    concurrency: int = Field(2, ge=1, le=512, description="Pool size of each worker")
+    pool: Pool = Field("prefork", description="Worker pool")
+    prefetch_multiplier: int = Field(4, ge=0, le=1000, description="worker_prefetch_multiplier")
+    acks_late: bool = Field(False, description="task_acks_late (with task_reject_on_worker_lost)")
+    serializer: Serializer = Field("json", description="Task and result serializer")
+    allow_pickle: bool = Field(False, description="Required to use --serializer pickle")
+    compression: Compression = Field("none", description="Message compression")
+    app: str | None = Field(None, description="Your own Celery app as module:attr (workers run it)")
+    queue: str = Field("celery", pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Queue the tasks go to and the workers consume")
+    tracing: Tracing = Field("off", description="OpenTelemetry tracing")
+    metrics: OnOff = Field("on", description="Prometheus metrics")
+    max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
+    api_port: int = Field(0, ge=0, le=65535, description="Producer API port (0 = a free port)")
+    api_max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body the API accepts")
+    startup_timeout_s: float = Field(60.0, gt=0, description="Deadline for every process to become ready")
+    # --- reference tasks -----------------------------------------------------------------------------------------
+    retry_max_retries: int = Field(3, ge=0, le=100, description="max_retries of the flaky task")
+    retry_backoff_s: int = Field(1, ge=0, le=3600, description="retry_backoff factor (seconds, Celery rounds to an integer >= 1)")
+    retry_backoff_max_s: int = Field(4, ge=0, le=86400, description="retry_backoff_max (seconds)")
+    retry_jitter: bool = Field(True, description="retry_jitter (full jitter)")
+    # --- load run ------------------------------------------------------------------------------------------------
+    scenario: str = Field("smoke", description="Scenario to run (see `loadlab scenarios`)")
+    duration: float | None = Field(None, description="Load duration (30s, 2m); unset = the scenario's own")
+    users: int | None = Field(None, ge=1, le=100_000, description="Peak Locust users; unset = the scenario's own")
+    spawn_rate: float | None = Field(None, gt=0, description="Users started per second; unset = the scenario's own")
+    drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
+    # --- internal wiring (set by the supervisor, not by users) ---------------------------------------------------
+    run_id: str = Field("adhoc", description="Run identifier (ledger key prefix)")
+    ledger_url: str | None = Field(None, description="Redis URL of the run's task ledger channel")
+    api_url: str | None = Field(None, description="Base URL of the running producer API")
+    run_dir: str | None = Field(None, description="Run directory")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value):
+        return _check_url(value, BROKER_SCHEMES, "--broker")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_url(cls, value):
+        return _check_url(value, BACKEND_SCHEMES, "--backend")
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, value):
+        if value is None or value == "":
+            return None
+        try:
+            return parse_duration(value, "--duration")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("app")
+    @classmethod
+    def _app_ref(cls, value):
+        if value and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
+            raise ValueError(f"--app {value!r} is not module:attr; use e.g. myproject.celery:app.")
+        return value or None
+
+    @model_validator(mode="after")
+    def _pickle_needs_consent(self):
+        if self.serializer == "pickle" and not self.allow_pickle:
+            raise ValueError("--serializer pickle runs arbitrary code on deserialisation; add --allow-pickle to accept that risk, or use json, msgpack or yaml.")
+        return self
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, **overrides) -> "Settings":
+        """Defaults <- LOADLAB_* environment <- ``overrides`` (None means: not given). Raises SettingsError."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise SettingsError(explain(exc)) from None
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Rebuild the parent's settings in a child process; fall back to LOADLAB_* variables."""
+        raw = os.environ.get(SETTINGS_ENV)
+        if raw:
+            return cls.model_validate(json.loads(raw))
+        return cls.build()
+
+    def child_env(self, **updates) -> dict[str, str]:
+        """Environment for a child process carrying these settings."""
+        env = dict(os.environ)
+        env[SETTINGS_ENV] = self.model_copy(update=updates).model_dump_json() if updates else self.model_dump_json()
+        return env
+
+    def masked(self) -> dict:
+        """Every setting, with passwords in URLs masked: what settings.json and logs show."""
+        data = self.model_dump(mode="json")
+        for key in ("broker", "backend", "ledger_url"):
+            data[key] = mask_url(data[key])
+        return data
+
+    @property
+    def accept_content(self) -> list[str]:
+        # json stays accepted for Celery's own control and event messages; pickle only with explicit consent.
+        return sorted({self.serializer, "json"})
+
+
+def explain(exc: ValidationError) -> str:
+    """One plain sentence per bad value, naming it and what is accepted."""
+    sentences = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        option = "--" + field.replace("_", "-")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            msg = f"{option} {err['input']!r} is not accepted; use one of {expected}."
+        elif err["type"] == "extra_forbidden":
+            msg = f"{field!r} is not a loadlab setting."
+        elif not msg.startswith("--"):
+            msg = f"{option} {err.get('input')!r} is invalid: {msg}."
+        sentences.append(msg)
+    return " ".join(sentences)

@@ -1,0 +1,155 @@
+"""Starts and stops a whole stack: embedded Redis (when no broker/backend is given), N Celery workers and the
+producer API, each logging into the run directory; waits for readiness with a deadline; stops everything."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from stack import embedded
+from stack.processes import Child
+from stack.settings import Settings
+
+
+class StartupError(RuntimeError):
+    """A process did not become ready; the message names it and carries the tail of its log."""
+
+
+class Stack:
+    def __init__(self, settings: Settings, run_dir: Path, *, api: bool = True, log=print):
+        self.requested = settings
+        self.settings = settings  # resolved (URLs filled in) once started
+        self.run_dir = Path(run_dir)
+        self.log_dir = self.run_dir / "logs"
+        self.with_api = api
+        self.log = log
+        self.redis: Child | None = None
+        self.workers: list[Child] = []
+        self.api: Child | None = None
+        self._app = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def children(self) -> list[Child]:
+        return [c for c in [self.api, *self.workers, self.redis] if c is not None]
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_embedded_redis()
+        s = self.settings
+        for index in range(1, s.workers + 1):
+            self.workers.append(self._worker_child(index).start())
+        if self.with_api:
+            port = s.api_port or embedded.free_port()
+            self.settings = s = s.model_copy(update={"api_url": f"http://127.0.0.1:{port}", "api_port": port})
+            self.api = Child("api", [sys.executable, "-m", "uvicorn", "stack.api:create_app", "--factory",
+                                     "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                                     "--log-level", "warning"],
+                             self.log_dir / "api.log", env=s.child_env()).start()
+        self.wait_ready()
+
+    def stop(self) -> None:
+        # API first (no new work), then workers (warm shutdown), the broker last.
+        for child in self.children():
+            child.stop(timeout=10 if child in self.workers else 5)
+        if self._app is not None:
+            try:
+                self._app.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._app = None
+
+    # --- parts -------------------------------------------------------------------------------------------------
+    def _start_embedded_redis(self) -> None:
+        s = self.settings
+        needs_redis = s.broker is None or s.backend is None or s.ledger_url is None
+        if not needs_redis:
+            return
+        port = embedded.free_port()
+        data_dir = self.run_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.redis = Child("redis", embedded.redis_command(port, data_dir), self.log_dir / "redis.log").start()
+        broker = s.broker or embedded.redis_url(port, 0)
+        backend = s.backend or (s.broker if s.broker and s.broker.startswith("redis") else embedded.redis_url(port, 1))
+        ledger_url = s.ledger_url or embedded.redis_url(port, 2)
+        self.settings = s.model_copy(update={"broker": broker, "backend": backend, "ledger_url": ledger_url})
+        self._wait(lambda: self._redis_ping(ledger_url), self.redis, "embedded Redis")
+
+    def _worker_child(self, index: int) -> Child:
+        s = self.settings
+        command = [sys.executable, "-m", "celery", "-A", "stack.worker_app:app", "worker",
+                   "--hostname", self.worker_name(index), "--queues", s.queue, "--pool", s.pool, "--concurrency", str(s.concurrency),
+                   "--prefetch-multiplier", str(s.prefetch_multiplier), "--loglevel", "INFO",
+                   "--without-mingle", "--without-gossip"]
+        if s.max_tasks_per_child:
+            command += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
+        return Child(f"worker{index}", command, self.log_dir / f"worker{index}.log", env=s.child_env())
+
+    def worker_name(self, index: int) -> str:
+        return f"w{index}.{self.settings.run_id}@127.0.0.1"
+
+    @property
+    def app(self):
+        if self._app is None:
+            from stack.app import make_app
+
+            self._app = make_app(self.settings.model_copy(update={"ledger_url": None}))
+        return self._app
+
+    # --- readiness ---------------------------------------------------------------------------------------------
+    def wait_ready(self) -> None:
+        names = {self.worker_name(i) for i in range(1, len(self.workers) + 1)}
+        self._wait(lambda: self._workers_answer(names), None, "workers", watch=self.workers)
+        if self.api is not None:
+            self._wait(lambda: self._api_healthy(), self.api, "producer API")
+
+    def _wait(self, ready, child: Child | None, what: str, watch: list[Child] | None = None) -> None:
+        watch = watch or ([child] if child else [])
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while True:
+            for c in watch:
+                if not c.running():
+                    raise StartupError(f"{c.name} exited with code {c.popen.returncode} before it was ready; "
+                                       f"last lines of {c.log_path}:\n{c.log_tail()}")
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                tail = "\n".join(f"--- {c.log_path}:\n{c.log_tail()}" for c in watch)
+                raise StartupError(f"{what} not ready within {self.settings.startup_timeout_s:g}s.\n{tail}")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _redis_ping(url: str) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _workers_answer(self, names: set[str]) -> bool:
+        try:
+            replies = self.app.control.ping(destination=sorted(names), timeout=1.0) or []
+        except Exception:  # noqa: BLE001 - broker not up yet
+            return False
+        answered = {name for reply in replies for name in reply}
+        return names <= answered
+
+    def _api_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.settings.api_url}/healthz", timeout=2) as response:
+                return response.status == 200 and json.load(response).get("status") == "ok"
+        except Exception:  # noqa: BLE001
+            return False

@@ -1,0 +1,138 @@
+"""The reference tasks and their argument models, defined once: the API validates with these models, scenarios
+build kwargs with them, and workers register the tasks from ``register_tasks``."""
+from __future__ import annotations
+
+import functools
+import random
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reports.task_hooks import body_finished
+from stack.payloads import SHAPES, make_body
+
+TASK_PREFIX = "loadlab."
+
+
+class FlakyError(Exception):
+    """Raised by the ``flaky`` task on purpose; retried by ``autoretry_for``."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def call_kwargs(self) -> dict:
+        return self.model_dump()
+
+
+class NoopArgs(_Args):
+    pass
+
+
+class CpuArgs(_Args):
+    ms: float = Field(5.0, ge=0, le=60_000, description="CPU time to burn, milliseconds")
+
+
+class IoArgs(_Args):
+    ms: float = Field(20.0, ge=0, le=60_000, description="Time to sleep, milliseconds")
+
+
+class FlakyArgs(_Args):
+    p: float = Field(0.2, ge=0, le=1, description="Probability that an attempt fails")
+
+
+class PayloadArgs(_Args):
+    size_bytes: int = Field(1024, ge=0, le=8 * 1024 * 1024, description="Body size (JSON bytes)")
+    shape: Literal["flat_strings", "nested_dicts", "numeric_lists", "large_text"] = "flat_strings"
+
+    def call_kwargs(self) -> dict:
+        return {"body": make_body(self.shape, self.size_bytes)}
+
+
+TASK_ARGS: dict[str, type[_Args]] = {
+    "noop": NoopArgs,
+    "cpu": CpuArgs,
+    "io": IoArgs,
+    "flaky": FlakyArgs,
+    "payload": PayloadArgs,
+}
+TASK_NAMES = tuple(TASK_ARGS)
+assert set(PayloadArgs.model_fields["shape"].annotation.__args__) == set(SHAPES)
+
+
+def full_name(short: str) -> str:
+    return TASK_PREFIX + short
+
+
+def short_name(name: str) -> str:
+    return name.removeprefix(TASK_PREFIX)
+
+
+def _timed(body):
+    """Mark the moment the body returns (or raises), so execution time excludes the result store."""
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        finally:
+            body_finished()
+
+    return run
+
+
+def register_tasks(app, settings) -> dict:
+    """Register the reference tasks on ``app`` with the retry policy from ``settings``."""
+
+    @app.task(name=full_name("noop"))
+    @_timed
+    def noop():
+        return None
+
+    @app.task(name=full_name("cpu"))
+    @_timed
+    def cpu(ms: float = 5.0):
+        deadline = time.thread_time() + ms / 1000.0
+        spins = 0
+        while time.thread_time() < deadline:
+            spins += 1
+        return spins
+
+    @app.task(name=full_name("io"))
+    @_timed
+    def io(ms: float = 20.0):
+        time.sleep(ms / 1000.0)
+        return ms
+
+    @app.task(
+        name=full_name("flaky"),
+        bind=True,
+        autoretry_for=(FlakyError,),
+        max_retries=settings.retry_max_retries,
+        retry_backoff=settings.retry_backoff_s,
+        retry_backoff_max=settings.retry_backoff_max_s,
+        retry_jitter=settings.retry_jitter,
+    )
+    @_timed
+    def flaky(self, p: float = 0.2):
+        if random.random() < p:
+            raise FlakyError(f"attempt {self.request.retries + 1} failed on purpose (p={p})")
+        return self.request.retries
+
+    @app.task(name=full_name("payload"))
+    @_timed
+    def payload(body=None):
+        return body
+
+    return {"noop": noop, "cpu": cpu, "io": io, "flaky": flaky, "payload": payload}
+
+
+def retry_policy(settings) -> dict:
+    """The flaky task's backoff policy as the report shows it."""
+    return {
+        "max_retries": settings.retry_max_retries,
+        "backoff_factor_s": max(1, settings.retry_backoff_s) if settings.retry_backoff_s else 0,
+        "backoff_max_s": settings.retry_backoff_max_s,
+        "jitter": settings.retry_jitter,
+    }
