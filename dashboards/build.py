@@ -7,6 +7,7 @@ promtool rejects. ``loadlab dashboards build|check`` call these; ``python -m das
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -38,6 +39,14 @@ def promtool() -> str:
     return path
 
 
+def _sdk_version() -> str:
+    # The SDK's output is what is compared, so a different SDK release alone can make the JSON "stale": say which.
+    try:
+        return importlib.metadata.version("grafana-foundation-sdk")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def render() -> dict[str, str]:
     """``{uid: JSON text}`` for every dashboard, exactly as ``build()`` writes it."""
     return {spec.uid: grafana.to_json(spec) for spec in DASHBOARDS}
@@ -65,7 +74,8 @@ def build(out_dir: Path = JSON_DIR) -> list[Path]:
     return written
 
 
-def _json_problems(json_dir: Path) -> list[str]:
+def json_problems(json_dir: Path = JSON_DIR) -> list[str]:
+    """Missing, stale or orphaned JSON files in ``json_dir``, and panels without a query (no promtool needed)."""
     problems: list[str] = []
     rendered = render()
     for uid, text in rendered.items():
@@ -73,7 +83,8 @@ def _json_problems(json_dir: Path) -> list[str]:
         if not path.exists():
             problems.append(f"{path}: missing; run `loadlab dashboards build`")
         elif path.read_text(encoding="utf-8") != text:
-            problems.append(f"{path}: stale (differs from the dashboard code); run `loadlab dashboards build`")
+            problems.append(f"{path}: stale (differs from the dashboard code built with grafana-foundation-sdk "
+                            f"{_sdk_version()}); run `loadlab dashboards build`")
     for path in sorted(json_dir.glob("*.json")):
         if path.stem not in rendered:
             problems.append(f"{path}: no dashboard generates it; run `loadlab dashboards build` to remove it")
@@ -143,7 +154,7 @@ def check(json_dir: Path = JSON_DIR) -> list[str]:
     Raises ``PromtoolMissing`` when promtool is not installed (a check that cannot parse queries must not pass).
     """
     promtool()  # fail fast, before any work, when the check cannot be complete
-    problems = _json_problems(Path(json_dir))
+    problems = json_problems(Path(json_dir))
     queries, variable_problems = _expanded()
     problems += variable_problems
     problems += rules_problems()

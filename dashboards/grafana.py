@@ -13,6 +13,8 @@ from grafana_foundation_sdk.builders import dashboard as dash_b
 from grafana_foundation_sdk.builders import prometheus as prom_b
 from grafana_foundation_sdk.builders import stat as stat_b
 from grafana_foundation_sdk.builders import timeseries as ts_b
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_m
 from grafana_foundation_sdk.models import dashboard as dash_m
@@ -26,7 +28,7 @@ DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid=f"${{{DATASOURCE_VA
 REF_IDS = string.ascii_uppercase
 
 
-def _targets(panel: PanelSpec) -> list[prom_b.Dataquery]:
+def _targets(panel: PanelSpec) -> list[cogbuilder.Builder[cogvariants.Dataquery]]:
     if len(panel.targets) > len(REF_IDS):
         raise ValueError(f"panel {panel.title!r} has more than {len(REF_IDS)} queries")
     return [
@@ -92,7 +94,6 @@ def _panel(panel: PanelSpec, panel_id: int) -> ts_b.Panel | stat_b.Panel:
 def _variable(var: VariableSpec) -> dash_b.QueryVariable:
     return (
         dash_b.QueryVariable(var.name)
-        .id(var.name)  # the SDK's default id is a zero UUID shared by every variable
         .label(var.label)
         .datasource(DATASOURCE)
         .query(var.query)
@@ -115,7 +116,7 @@ def build_dashboard(spec: DashboardSpec) -> dash_b.Dashboard:
         .time(spec.time_from, "now")
         .refresh(spec.refresh)
         .timezone("browser")
-        .with_variable(dash_b.DatasourceVariable(DATASOURCE_VAR).id(DATASOURCE_VAR).label("Data source").type("prometheus"))
+        .with_variable(dash_b.DatasourceVariable(DATASOURCE_VAR).label("Data source").type("prometheus"))
     )
     for var in spec.variables:
         board = board.with_variable(_variable(var))

@@ -16,6 +16,8 @@ from loadtests.users import build_user_classes
 from stack.settings import Settings
 
 CSV_PERCENTILES = [0.5, 0.9, 0.95, 0.99, 1.0]
+# users finish the task they are in when the load stops, so no publish is cut between broker and ledger
+STOP_TIMEOUT_S = 5.0
 
 
 def completion_listener(environment: Environment) -> Callable[[str, str, float | None], None]:
@@ -35,7 +37,7 @@ class LocustRun:
         self.settings = settings
         self.scenario = scenario
         self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=locust.events,
-                                       host=settings.api_url)
+                                       host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None
         self.stopped_at: float | None = None

@@ -187,6 +187,7 @@ class Recorder:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.poll(100_000)
+        self.adopt_orphans()
         try:
             self._redis().delete(self.key)
         except Exception:  # noqa: BLE001
@@ -298,6 +299,17 @@ class Recorder:
                 pass
 
     # --- end of run ----------------------------------------------------------------------------------------------
+    def adopt_orphans(self) -> None:
+        """Tasks that finished but whose SENT record never came (a producer stopped between publishing and
+        reporting it) were submitted all the same: count them, with the send time their headers carried."""
+        with self._lock:
+            for task_id, early in list(self.early.items()):
+                del self.early[task_id]
+                self.counts["submitted"] += 1
+                if early[3] is not None:
+                    self._series(early[3]).submitted += 1
+                self._terminal(*early)
+
     def mark_load_stopped(self) -> None:
         self.poll(100_000)
         self.load_stopped_at = time.time()
@@ -340,15 +352,10 @@ class Recorder:
             c = self.counts
             lost = len(self.pending)
             # early records whose SENT never came: the task ran, so it was submitted (by a producer we could not see)
-            orphans = len(self.early)
-            tasks = {"submitted": c["submitted"] + orphans, "succeeded": c["succeeded"], "failed": c["failed"],
+            tasks = {"submitted": c["submitted"], "succeeded": c["succeeded"], "failed": c["failed"],
                      "revoked": c["revoked"], "rejected": c["rejected"], "retried": c["retried"], "lost": lost,
                      "pending_at_end": self.pending_at_end if self.pending_at_end is not None else lost,
                      "duplicates": c["duplicates"], "reconciled": c["reconciled"]}
-            for early in list(self.early.values()):
-                state = early[2]
-                key = {"SUCCESS": "succeeded", "FAILURE": "failed", "REVOKED": "revoked", "REJECTED": "rejected"}[state]
-                tasks[key] += 1
             span = None
             if self.first_sent_at is not None and self.last_finished_at is not None:
                 span = max(1e-9, self.last_finished_at - self.first_sent_at)

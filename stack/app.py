@@ -37,7 +37,6 @@ def celery_config(settings: Settings) -> dict:
         "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
         "result_extended": True,
         "result_expires": 3600,
-        "task_default_retry_delay": 1,
         "task_default_queue": settings.queue,
         "broker_pool_limit": 64,
         "database_engine_options": {"pool_pre_ping": True},

@@ -121,7 +121,7 @@ def up(out, **options):
 
     settings = _build_settings(**options)
     run_dir = _run_dir(out, "up")
-    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-")})
+    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     _install_stop_signals()
     try:
         with console.status("starting the stack…"):
@@ -230,6 +230,52 @@ def report(run_dir):
         raise UsageError(f"{path / 'report.json'} is not valid JSON ({exc}).") from None
     write_rendered(path, data)
     console.print(f"rebuilt {path / 'report.html'} and {path / 'summary.md'}")
+
+
+@main.command()
+@stack_options
+def api(**options):
+    """Run the producer API in the foreground (for containers or an existing broker)."""
+    import os
+
+    settings = _build_settings(**options)
+    if not settings.broker:
+        raise UsageError("loadlab api needs --broker (or LOADLAB_BROKER); `loadlab up` starts an embedded one.")
+    port = settings.api_port or 8000
+    # exec a clean interpreter: uvicorn's asyncio loop must not run in this gevent-patched process
+    os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "stack.api:create_app", "--factory",
+                               "--host", settings.api_host, "--port", str(port), "--no-access-log",
+                               "--log-level", "warning"], settings.child_env())
+
+
+@main.group()
+def dashboards():
+    """Grafana dashboards and alert rules kept as code."""
+
+
+@dashboards.command("build")
+def dashboards_build():
+    """Regenerate the committed dashboard JSON from the Python definitions."""
+    from dashboards.build import build
+
+    for path in build():
+        console.print(f"wrote {path}")
+
+
+@dashboards.command("check")
+def dashboards_check():
+    """Fail (exit 1) when the committed JSON is stale or a query does not parse."""
+    from dashboards.build import PromtoolMissing, check
+
+    try:
+        problems = check()
+    except PromtoolMissing as exc:
+        raise UsageError(str(exc)) from None
+    for problem in problems:
+        err_console.print(f"[red]✗[/] {problem}")
+    if problems:
+        sys.exit(EXIT_FAILED)
+    console.print("dashboards and alert rules are up to date and every query parses")
 
 
 @main.command()

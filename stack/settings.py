@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     metrics: OnOff = Field("on", description="Prometheus metrics")
     max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
+    api_host: str = Field("127.0.0.1", description="Address the producer API binds (containers need 0.0.0.0)")
     api_port: int = Field(0, ge=0, le=65535, description="Producer API port (0 = a free port)")
     api_max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body the API accepts")
     startup_timeout_s: float = Field(60.0, gt=0, description="Deadline for every process to become ready")

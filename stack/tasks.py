@@ -113,6 +113,7 @@ def register_tasks(app, settings) -> dict:
         retry_backoff=settings.retry_backoff_s,
         retry_backoff_max=settings.retry_backoff_max_s,
         retry_jitter=settings.retry_jitter,
+        default_retry_delay=0,  # used when retry_backoff_s is 0: retry at once
     )
     @_timed
     def flaky(self, p: float = 0.2):
@@ -132,6 +133,7 @@ def retry_policy(settings) -> dict:
     """The flaky task's backoff policy as the report shows it."""
     return {
         "max_retries": settings.retry_max_retries,
+        # Celery's autoretry rounds the factor to an integer >= 1; 0 disables backoff (immediate retries)
         "backoff_factor_s": max(1, settings.retry_backoff_s) if settings.retry_backoff_s else 0,
         "backoff_max_s": settings.retry_backoff_max_s,
         "jitter": settings.retry_jitter,

@@ -1,0 +1,77 @@
+"""The command line: bad values get one sentence and exit 2, with no traceback and nothing left running."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import LOADLAB, REPO, processes_mentioning, run_cli, wait_until
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "no-such-scenario"], ["'no-such-scenario'", "smoke"]),
+    (["run", "--broker", "redis//oops"], ["--broker", "redis://"]),
+    (["run", "--duration", "-5s"], ["--duration", "-5s"]),
+    (["run", "--serializer", "xml"], ["--serializer", "'xml'", "msgpack"]),
+    (["run", "--serializer", "pickle"], ["--allow-pickle"]),
+    (["run", "--workers", "many"], ["--workers", "many"]),
+    (["up", "--pool", "fork"], ["--pool", "prefork"]),
+    (["gate", "/nonexistent/run", "--rules", "x.yml"], ["/nonexistent/run", "report.json"]),
+    (["report", "/nonexistent/run"], ["/nonexistent/run"]),
+])
+def test_bad_values_exit_2_with_one_sentence(args, words, tmp_path):
+    result = run_cli(*args, "--out", str(tmp_path / "out"), timeout=60) if args[0] in ("run", "up") else \
+        run_cli(*args, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert not processes_mentioning(str(tmp_path / "out"))
+
+
+def test_environment_values_are_validated_too(tmp_path):
+    result = run_cli("run", "--out", str(tmp_path), env={"LOADLAB_COMPRESSION": "rar"}, timeout=60)
+    assert result.returncode == 2
+    assert "--compression 'rar'" in result.stderr and "zstd" in result.stderr
+
+
+def test_scenarios_lists_one_line_each():
+    from loadtests.scenarios import SCENARIOS
+
+    result = run_cli("scenarios", timeout=60)
+    assert result.returncode == 0
+    for name in SCENARIOS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_then_stop_leaves_no_process(tmp_path, stop_signal):
+    out = tmp_path / "up"
+    proc = subprocess.Popen([LOADLAB, "up", "--workers", "2", "--out", str(out)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (out / "logs" / "api.log").exists() and len(processes_mentioning(str(out))) >= 4, 60,
+                   what="the stack to start")
+        lines = []
+        wait_until(lambda: lines.append(proc.stdout.readline()) or "Ctrl-C" in lines[-1], 60, interval=0,
+                   what="the stack to say it is up")
+        assert len(processes_mentioning(str(out))) >= 4  # redis, 2 workers (+ pool children), api
+        proc.send_signal(stop_signal)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
+
+
+def test_up_reports_a_worker_that_fails_to_start_and_leaves_nothing(tmp_path):
+    out = tmp_path / "bad"
+    started = time.monotonic()
+    result = run_cli("up", "--app", "no_such_module:app", "--out", str(out), timeout=120)
+    assert result.returncode == 1
+    assert "worker1 exited" in result.stderr + result.stdout
+    assert "no_such_module" in result.stderr + result.stdout  # the tail of its log
+    assert time.monotonic() - started < 60
+    wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
