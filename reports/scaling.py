@@ -23,7 +23,15 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
-__all__ = ["MIN_DISTINCT_N", "KAPPA_SIGNIFICANCE", "DEFAULT_KNEE_EFFICIENCY", "ScalingError", "UslFit", "fit_usl", "knee"]
+__all__ = [
+    "MIN_DISTINCT_N",
+    "KAPPA_SIGNIFICANCE",
+    "DEFAULT_KNEE_EFFICIENCY",
+    "ScalingError",
+    "UslFit",
+    "fit_usl",
+    "knee",
+]
 
 #: Three parameters need at least one more distinct N than parameters to say anything about the fit's quality.
 MIN_DISTINCT_N = 4
@@ -138,11 +146,13 @@ def _fit(func, n: np.ndarray, x: np.ndarray, p0: list[float], lower: list[float]
             # residuals would let the largest N points decide the whole curve.
             params, _ = curve_fit(func, n, x, p0=p0, bounds=(lower, upper), sigma=x, maxfev=20_000)
     except (RuntimeError, ValueError) as exc:
-        raise ScalingError(f"The USL fit did not converge on these points ({exc}); check the sweep's throughputs.") from exc
+        raise ScalingError(
+            f"The USL fit did not converge on these points ({exc}); check the sweep's throughputs."
+        ) from exc
     return np.asarray(params, dtype=float)
 
 
-def _weighted_rss(pred: np.ndarray, x: np.ndarray) -> float:
+def _weighted_rss(pred: np.ndarray | float, x: np.ndarray) -> float:
     return float(np.sum(((x - pred) / x) ** 2))
 
 

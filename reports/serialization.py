@@ -70,11 +70,11 @@ DEFAULT_TIME_BUDGET_S = 45.0
 _MIN_CELL_S = 0.01
 
 _ALNUM = string.ascii_letters + string.digits
-_WORDS = (
+_WORDS = tuple(
     "queue worker broker latency retry result celery task message payload backend prefetch ack delivery exchange "
     "routing key consumer producer timeout backoff throughput concurrency pool scaling contention the a of to and "
-    "in is for on with as at by it from that this be are was"
-).split()
+    "in is for on with as at by it from that this be are was".split()
+)
 _GROUP_SIZE = 16  # records per group in nested_dicts
 _SERIES_LEN = 128  # numbers per list in numeric_lists
 
@@ -296,15 +296,20 @@ def _check_serializers(serializers: Iterable[str], allow_pickle: bool) -> tuple[
         if name == "pickle":
             if not allow_pickle:
                 raise ValueError(
-                    "pickle runs arbitrary code when a message is decoded, so it is measured only if you pass --allow-pickle."
+                    "pickle runs arbitrary code when a message is decoded, "
+                    "so it is measured only if you pass --allow-pickle."
                 )
             continue
         if name not in SERIALIZERS:
-            raise ValueError(f"Serializer {name!r} is not known; use json, msgpack, yaml, or pickle with --allow-pickle.")
+            raise ValueError(
+                f"Serializer {name!r} is not known; use json, msgpack, yaml, or pickle with --allow-pickle."
+            )
         try:
             kombu_serialization.dumps({}, serializer=name)
         except Exception as exc:  # kombu registers yaml/msgpack placeholders that raise when the library is missing
-            raise ValueError(f"Serializer {name!r} is not usable here ({exc}); install its library or leave it out.") from exc
+            raise ValueError(
+                f"Serializer {name!r} is not usable here ({exc}); install its library or leave it out."
+            ) from exc
     return names
 
 
@@ -320,7 +325,9 @@ def _check_compressions(compressions: Iterable[str] | None) -> tuple[str, ...]:
             raise ValueError(f"Compression {name!r} is not known; use one of {', '.join(COMPRESSIONS)}.")
         if name not in available:
             hint = " (kombu needs the backports.zstd package for it on Python < 3.14)" if name == "zstd" else ""
-            raise ValueError(f"Compression {name!r} is not available in this kombu install{hint}; install it or leave it out.")
+            raise ValueError(
+                f"Compression {name!r} is not available in this kombu install{hint}; install it or leave it out."
+            )
     return names
 
 
@@ -376,7 +383,9 @@ def _serializer_pilot(payload: Any, serializer: str) -> tuple[_Cell, bytes, str 
 
     Encoding each body exactly once matters: one YAML encode of 1 MB takes seconds.
     """
-    (content_type, content_encoding, data), enc = _timed(lambda: kombu_serialization.dumps(payload, serializer=serializer))
+    (content_type, content_encoding, data), enc = _timed(
+        lambda: kombu_serialization.dumps(payload, serializer=serializer)
+    )
     raw = ensure_bytes(data)  # what the transport carries, and what a worker decodes from
     accept = _accept_for(content_type)
     _, dec = _timed(lambda: kombu_serialization.loads(raw, content_type, content_encoding, accept=accept))
@@ -414,7 +423,7 @@ def _sample_within_budget(
     take only what they need and leave the rest to the expensive ones.
     """
     order = sorted(cells, key=lambda c: c.cost_ns)
-    for left, cell in zip(range(len(order), 0, -1), order):
+    for left, cell in zip(range(len(order), 0, -1), order, strict=True):
         if deadline is None:
             affordable = repeats
         else:
@@ -491,8 +500,11 @@ def run_matrix(
     wire_len: dict[tuple[str, str, int, str], int] = {}
     # The payloads live for the whole run; freezing them keeps the garbage collector from re-scanning this
     # artificial heap during every timed call (a worker's heap does not hold twenty large payloads).
-    gc.collect()
-    gc.freeze()
+    # Only when nothing else froze objects: unfreeze() releases every frozen object, not just ours.
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.collect()
+        gc.freeze()
     try:
         for serializer in serializer_t:
             for (shape, size), payload in payloads.items():
@@ -509,7 +521,8 @@ def run_matrix(
         deadline = None if time_budget_s is None else started + time_budget_s
         _sample_within_budget([*ser_cells.values(), *comp_cells.values()], int(repeats), deadline, tick)
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
     rows: list[dict[str, Any]] = []
     for serializer in serializer_t:

@@ -9,6 +9,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import signal  # noqa: E402
+import typing  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -42,6 +43,11 @@ def _settings_options(fields):
             info = Settings.model_fields[name]
             flag = "--" + name.replace("_", "-")
             help_text = info.description or ""
+            choices = typing.get_args(info.annotation)
+            if choices and all(isinstance(c, str) for c in choices):
+                help_text += f" [{'|'.join(choices)}]"
+            if info.default not in (None, False, ""):
+                help_text += f" (default {info.default})"
             if info.annotation is bool:
                 func = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None,
                                     help=help_text)(func)

@@ -21,7 +21,7 @@ def synthetic(lam: float, sigma: float, kappa: float, noise: float = 0.005, seed
     """Points of a known curve with deterministic multiplicative noise of at most ``noise`` (0.5 % by default)."""
     rng = np.random.default_rng(seed)
     factors = 1 + rng.uniform(-noise, noise, len(NS))
-    return [(float(n), usl(n, lam, sigma, kappa) * f) for n, f in zip(NS, factors)]
+    return [(float(n), usl(n, lam, sigma, kappa) * f) for n, f in zip(NS, factors, strict=True)]
 
 
 def rel(a: float, b: float) -> float:

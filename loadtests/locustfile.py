@@ -1,0 +1,36 @@
+"""The locustfile for the plain ``locust`` command against a running stack (``loadlab up`` prints the variables):
+
+    LOADLAB_BROKER=redis://127.0.0.1:PORT/0 LOADLAB_API_URL=http://127.0.0.1:PORT locust -f loadtests/locustfile.py
+
+Settings come from ``LOADLAB_*`` variables (``LOADLAB_SCENARIO`` picks the scenario). When ``LOADLAB_LEDGER_URL``
+is set, the master (or the single local process) follows the run's ledger and fires ``end_to_end`` requests.
+"""
+from locust import events
+from locust.runners import WorkerRunner
+
+from loadtests.runner import completion_listener
+from loadtests.scenarios import get_scenario
+from loadtests.users import build_user_classes
+from stack.settings import Settings
+
+settings = Settings.from_env()
+scenario = get_scenario(settings.scenario)
+for _user_class in build_user_classes(settings, scenario):
+    globals()[_user_class.__name__] = _user_class  # Locust discovers module-level User classes
+_recorder = None
+
+
+@events.test_start.add_listener
+def _follow_ledger(environment, **_):
+    global _recorder
+    if settings.ledger_url and not isinstance(environment.runner, WorkerRunner) and _recorder is None:
+        from reports.recorder import Recorder
+
+        _recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+                             on_completion=completion_listener(environment)).start()
+
+
+@events.quitting.add_listener
+def _stop_following(environment, **_):
+    if _recorder is not None:
+        _recorder.close()
