@@ -1,14 +1,13 @@
 """A headless run: stack up -> Locust -> load stops -> drain -> run directory written -> stack down."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loadtests.runner import LocustRun, completion_listener
-from loadtests.scenarios import get_scenario
+from loadtests.scenarios import Scenario, get_scenario
 from reports.recorder import Recorder
 from reports.render import write_rendered
 from reports.report import build_report, write_json
@@ -19,8 +18,8 @@ from stack.tasks import retry_policy
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def execute_run(settings: Settings, run_dir: Path, console: Console) -> int:
-    scenario = get_scenario(settings.scenario)
+def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: Scenario | None = None) -> int:
+    scenario = scenario or get_scenario(settings.scenario)
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     try:
@@ -41,7 +40,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     write_json(run_dir / "settings.json", settings.masked())
     load = LocustRun(settings, scenario, run_dir / "locust")
     recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
-                        on_completion=completion_listener(load.environment)).start()
+                        on_completion=completion_listener(load.environment), warmup_s=settings.warmup_s).start()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False) as progress:

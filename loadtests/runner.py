@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 import gevent
-import locust
 from locust.env import Environment
+from locust.event import Events
 from locust.stats import StatsCSVFileWriter, stats_history
 
 from loadtests.scenarios import Scenario
@@ -36,7 +36,8 @@ class LocustRun:
     def __init__(self, settings: Settings, scenario: Scenario, out_dir: Path):
         self.settings = settings
         self.scenario = scenario
-        self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=locust.events,
+        # fresh event hooks per run: several runs in one process (sweeps) must not share listeners
+        self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=Events(),
                                        host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None

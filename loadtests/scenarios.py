@@ -37,6 +37,8 @@ SMOKE_MIX = (
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("smoke", "A short mixed load (noop, cpu, io, flaky, payload) through apply_async and the HTTP API.",
              users=10, spawn_rate=10, duration_s=30, rate_per_user=8, mix=SMOKE_MIX, api_share=0.2),
+    Scenario("saturate", "More cpu tasks (5 ms) than the workers can take: measures capacity; used by sweeps.",
+             users=10, spawn_rate=10, duration_s=20, rate_per_user=20, mix=(TaskChoice("cpu", 1, {"ms": 5}),)),
     Scenario("retry-storm", "Flaky tasks failing 60 % of attempts: exercises autoretry, backoff and exhaustion.",
              users=5, spawn_rate=5, duration_s=30, rate_per_user=4,
              mix=(TaskChoice("flaky", 1, {"p": 0.6}),)),

@@ -13,19 +13,20 @@ from loadtests.scenarios import Scenario
 from stack.settings import Settings
 from stack.tasks import TASK_ARGS, full_name
 
-_celery_app = None
+_celery_apps: dict[int, object] = {}
 
 
 def celery_client(settings: Settings):
-    """One Celery app per Locust process, created on first use (after any fork), with a connection pool large
-    enough for many greenlets publishing at once."""
-    global _celery_app
-    if _celery_app is None:
+    """One Celery app per Locust process and stack, created on first use (after any fork), with a connection pool
+    large enough for many greenlets publishing at once."""
+    key = id(settings)
+    app = _celery_apps.get(key)
+    if app is None:
         from stack.app import make_app
 
-        _celery_app = make_app(settings)
-        _celery_app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
-    return _celery_app
+        app = _celery_apps[key] = make_app(settings)
+        app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
+    return app
 
 
 class _Mix:

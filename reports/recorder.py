@@ -119,7 +119,7 @@ class Recorder:
     that reaches a terminal state (Locust uses it to fire its ``end_to_end`` request events)."""
 
     def __init__(self, ledger_url: str, run_id: str, *, max_retries: int | None = None,
-                 on_completion: Callable[[str, str, float | None], None] | None = None):
+                 on_completion: Callable[[str, str, float | None], None] | None = None, warmup_s: float = 0.0):
         self.ledger_url = ledger_url
         self.key = ledger.channel_key(run_id)
         self.max_retries = max_retries
@@ -145,6 +145,10 @@ class Recorder:
         self.pending_at_end: int | None = None
         self.load_stopped_at: float | None = None
         self.records = 0
+        # steady window: tasks sent after the warm-up and finished before the load stopped
+        self.warmup_s = warmup_s
+        self.steady_end_to_end = new_histogram()
+        self.steady_completed = 0
         self._client = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -275,6 +279,11 @@ class Recorder:
             if hist is None:
                 hist = self.per_task[short] = new_histogram()
             record_seconds(hist, end_to_end)
+        if (self.warmup_s and origin is not None and end_to_end is not None and self.first_sent_at is not None
+                and origin >= self.first_sent_at + self.warmup_s
+                and (self.load_stopped_at is None or finished_at <= self.load_stopped_at)):
+            self.steady_completed += 1
+            record_seconds(self.steady_end_to_end, end_to_end)
         attempts = retries + 1
         self.attempts[attempts] = self.attempts.get(attempts, 0) + 1
         chain = self.retrying.pop(task_id, None)
@@ -347,6 +356,16 @@ class Recorder:
                 self.counts["reconciled"] += 1
                 self._terminal(task_id, name, state, None, time.time(), 0, None, None, None)
 
+    def _steady(self) -> dict | None:
+        if not self.warmup_s or self.first_sent_at is None or self.load_stopped_at is None:
+            return None
+        window = self.load_stopped_at - (self.first_sent_at + self.warmup_s)
+        if window <= 0:
+            return None
+        return {"warmup_s": self.warmup_s, "window_s": round(window, 3),
+                "completed_per_s": round(self.steady_completed / window, 3),
+                "end_to_end_ms": histogram_stats_ms(self.steady_end_to_end)}
+
     def summary(self, lost_ids_limit: int = 100) -> dict:
         with self._lock:
             c = self.counts
@@ -376,6 +395,7 @@ class Recorder:
                     "chains": self.retry_chains[:50],
                 },
                 "lost_ids": list(self.pending)[:lost_ids_limit],
+                "steady": self._steady(),
                 "timeseries": self.series.rows() if self.series else [],
                 "histograms": {phase: self.histograms[phase].encode().decode() for phase in REPORT_PHASES},
             }

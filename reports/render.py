@@ -54,6 +54,44 @@ def timeseries_plot(rows: list[dict]) -> str | None:
     return _svg(fig)
 
 
+def scaling_plot(scaling: dict) -> str | None:
+    points = scaling.get("points") or []
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [p["n"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(n, [p["completed_per_s"] for p in points], "o", color="#0969da", label="measured (steady window)")
+    usl = scaling.get("usl")
+    if usl:
+        from reports.scaling import _usl
+
+        top = max(max(n), *(p["n"] for p in scaling.get("predictions", [])))
+        xs = [1 + i * (top - 1) / 200 for i in range(201)]
+        measured_top = max(n)
+        ys = [_usl(x, usl["lambda"], usl["sigma"], usl["kappa"]) for x in xs]
+        left.plot([x for x in xs if x <= measured_top], [y for x, y in zip(xs, ys) if x <= measured_top],
+                  color="#1a7f37", label=f"USL fit (R²={usl['r2']:.3f})")
+        left.plot([x for x in xs if x >= measured_top], [y for x, y in zip(xs, ys) if x >= measured_top],
+                  color="#1a7f37", linestyle="--", label="USL prediction (not measured)")
+        if scaling.get("knee_n"):
+            left.axvline(scaling["knee_n"], color="#9a6700", linestyle=":", label=f"knee N≈{scaling['knee_n']:g}")
+    left.set_xlabel("N = workers × concurrency")
+    left.set_ylabel("completed tasks/s")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot(n, [p["p95_ms"] for p in points], "o-", color="#bf3989")
+    right.set_xlabel("N = workers × concurrency")
+    right.set_ylabel("end-to-end p95 (ms)")
+    right.grid(alpha=0.3)
+    fig.suptitle("Scaling", fontsize=11)
+    return _svg(fig)
+
+
 def _table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []
@@ -123,6 +161,37 @@ def render_html(report: dict) -> str:
                         _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
     sections.append("<section><h2>Retries</h2>" + _table(["", "value"], retry_rows) +
                     f"<p class='note'>policy: {html.escape(policy)}</p></section>")
+    scaling = report.get("scaling")
+    if scaling:
+        rows = [[p["workers"], p["concurrency"], p["pool"], p["prefetch_multiplier"], p["n"], p["completed_per_s"],
+                 p["p95_ms"], p.get("lost", 0)] for p in scaling["points"]]
+        usl = scaling.get("usl")
+        usl_text = (f"USL fit: λ = {usl['lambda']:.2f} tasks/s per unit, σ (contention) = {usl['sigma']:.4f}, "
+                    f"κ (coherency) = {usl['kappa']:.5f}, peak N = {usl['n_peak'] if usl['n_peak'] is not None else '∞ (no retrograde)'}"
+                    f", R² = {usl['r2']:.3f}; knee N ≈ {scaling.get('knee_n')}."
+                    + "".join(f" Prediction (not measured): N={p['n']} → {p['completed_per_s']:.1f}/s."
+                              for p in scaling.get("predictions", []))) if usl else \
+            f"No USL fit: {scaling.get('usl_note', '')}"
+        plot_svg = scaling_plot(scaling) or ""
+        sections.append("<section><h2>Scaling</h2>" + plot_svg +
+                        _table(["workers", "concurrency", "pool", "prefetch", "N", "completed/s", "p95 ms", "lost"],
+                               rows, numeric_from=0) + f"<p>{html.escape(usl_text)}</p></section>")
+    serialization = report.get("serialization") or []
+    if serialization:
+        rows = [[r["serializer"], r["compression"], r.get("shape", ""), r["payload_bytes"], r["wire_bytes"],
+                 r.get("compression_ratio", ""), r["encode_us"]["p50"], r["encode_us"]["p95"], r["decode_us"]["p50"],
+                 r["decode_us"]["p95"]] for r in serialization]
+        sections.append("<section><h2>Serialization cost (offline, through kombu's registry)</h2>" +
+                        _table(["serializer", "compression", "shape", "payload B", "wire B", "ratio", "encode p50 µs",
+                                "encode p95 µs", "decode p50 µs", "decode p95 µs"], rows, numeric_from=3) +
+                        "</section>")
+    inband = report.get("serialization_inband") or []
+    if inband:
+        rows = [[r["serializer"], r["payload_bytes"], r["completed_per_s"], r["end_to_end_p50_ms"],
+                 r["end_to_end_p95_ms"], r.get("serialization_share")] for r in inband]
+        sections.append("<section><h2>Serialization in band (real runs)</h2>" +
+                        _table(["serializer", "payload B", "completed/s", "e2e p50 ms", "e2e p95 ms",
+                                "share of e2e spent serializing"], rows) + "</section>")
     if lost_ids:
         sections.append("<section><h2>Lost task ids</h2><pre>" + html.escape("\n".join(lost_ids)) + "</pre></section>")
     if report.get("gates"):

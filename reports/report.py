@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "serialization": [],
         "locust": locust,
         "drain": {"completed": drained, "lost_ids": recorded["lost_ids"]},
+        "steady": recorded.get("steady"),
         "timeseries": recorded["timeseries"],
         "histograms_hdr": recorded["histograms"],
         "verdict": verdict(tasks, drained),
@@ -67,3 +69,62 @@ def write_json(path: Path, data: dict) -> None:
 
 def load_report(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "report.json").read_text())
+
+
+def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) -> dict:
+    """One report for several runs (a sweep, in-band serialization runs): ledgers summed, latency histograms merged
+    from their HDR encodings, so percentiles are those of all tasks and not averages of percentiles."""
+    from hdrh.histogram import HdrHistogram
+
+    from reports.recorder import histogram_stats_ms, new_histogram
+
+    first = reports[0]
+    tasks = {k: sum(r["tasks"].get(k, 0) for r in reports) for k in first["tasks"]}
+    latency = {}
+    for phase in REPORT_PHASES:
+        merged = new_histogram()
+        for r in reports:
+            encoded = r.get("histograms_hdr", {}).get(phase)
+            if encoded:
+                merged.add(HdrHistogram.decode(encoded))
+        latency[phase] = histogram_stats_ms(merged)
+    duration = sum(r["duration_s"] for r in reports)
+    attempts: dict[str, int] = {}
+    for r in reports:
+        for k, n in r["retries"]["attempts"].items():
+            attempts[k] = attempts.get(k, 0) + n
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario,
+        "started_at": first["started_at"],
+        "duration_s": round(duration, 3),
+        "settings": {key: settings_masked.get(key) for key in SETTINGS_IN_REPORT},
+        "tasks": tasks,
+        "throughput": {"submitted_per_s": round(tasks["submitted"] / duration, 3) if duration else 0.0,
+                       "completed_per_s": round((tasks["succeeded"] + tasks["failed"]) / duration, 3) if duration else 0.0},
+        "latency_ms": latency,
+        "retries": {"tasks_retried": sum(r["retries"]["tasks_retried"] for r in reports), "attempts": attempts,
+                    "exhausted": sum(r["retries"]["exhausted"] for r in reports),
+                    "backoff_observed_s": first["retries"]["backoff_observed_s"], "policy": first["retries"]["policy"]},
+        "serialization": [],
+        "locust": {k: sum(r["locust"][k] for r in reports) for k in ("requests", "failures", "rps")},
+        "verdict": verdict(tasks, all(r.get("drain", {}).get("completed", True) for r in reports)),
+    }
+
+
+def empty_report(scenario: str, settings_masked: dict) -> dict:
+    """A report with no load (an offline-only analysis): every ledger count zero."""
+    from reports.recorder import histogram_stats_ms, new_histogram
+
+    zero = histogram_stats_ms(new_histogram())
+    return {
+        "schema_version": SCHEMA_VERSION, "scenario": scenario, "started_at": iso_utc(time.time()), "duration_s": 0.0,
+        "settings": {key: settings_masked.get(key) for key in SETTINGS_IN_REPORT},
+        "tasks": {k: 0 for k in ("submitted", "succeeded", "failed", "revoked", "retried", "lost", "pending_at_end")},
+        "throughput": {"submitted_per_s": 0.0, "completed_per_s": 0.0},
+        "latency_ms": {phase: dict(zero) for phase in REPORT_PHASES},
+        "retries": {"tasks_retried": 0, "attempts": {}, "exhausted": 0,
+                    "backoff_observed_s": {"p50": 0.0, "p95": 0.0, "max": 0.0}, "policy": {}},
+        "serialization": [], "locust": {"requests": 0, "failures": 0, "rps": 0.0},
+        "verdict": {"status": "pass", "problems": []},
+    }

@@ -8,10 +8,10 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import json  # noqa: E402
 import signal  # noqa: E402
 import typing  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -26,8 +26,8 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "drain_timeout_s"}
-RUN_FIELDS = ("duration", "users", "spawn_rate", "drain_timeout_s")
+                   "warmup_s", "drain_timeout_s"}
+RUN_FIELDS = ("duration", "users", "spawn_rate", "warmup_s", "drain_timeout_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -236,6 +236,117 @@ def report(run_dir):
         raise UsageError(f"{path / 'report.json'} is not valid JSON ({exc}).") from None
     write_rendered(path, data)
     console.print(f"rebuilt {path / 'report.html'} and {path / 'summary.md'}")
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{option} {text!r} is not a list of positive integers; use e.g. 1,2,4.")
+    return values
+
+
+SWEPT = {"workers", "concurrency", "prefetch_multiplier", "pool"}
+
+
+@main.command()
+@click.argument("scenario", required=False, default="saturate")
+@_settings_options([n for n in STACK_FIELDS if n not in SWEPT])
+@run_options
+@click.option("--workers", "workers_list", default="1,2,3,4", show_default=True, help="Worker counts to sweep")
+@click.option("--concurrency", "concurrency_list", default="1", show_default=True, help="Pool sizes to sweep")
+@click.option("--prefetch", "prefetch_list", default="4", show_default=True, help="Prefetch multipliers to sweep")
+@click.option("--pool", "pool_list", default="prefork", show_default=True, help="Pools to sweep (prefork,threads,solo)")
+@click.option("--out", default=None, help="Directory of the sweep (default reports/runs/<UTC-timestamp>-sweep/)")
+def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, out, **options):
+    """Scaling sweep: one real run per point, warm-up excluded, USL fit, one report."""
+    from loadtests.campaigns import run_sweep
+    from loadtests.scenarios import get_scenario
+    from reports.render import write_rendered
+    from reports.report import merge_reports, write_json
+
+    workers = _int_list("--workers", workers_list)
+    concurrency = _int_list("--concurrency", concurrency_list)
+    prefetch = _int_list("--prefetch", prefetch_list)
+    pools = [p.strip() for p in pool_list.split(",") if p.strip()]
+    for pool in pools:
+        _build_settings(pool=pool)
+    scenario_def = get_scenario(scenario)
+    settings = _build_settings(scenario=scenario, **options)
+    if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
+        settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
+    run_dir = _run_dir(out, "sweep")
+    _install_stop_signals()
+    scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,
+                        pools=pools)
+    reports = [json.loads((run_dir / p["run_dir"] / "report.json").read_text()) for p in scaling["points"]]
+    report = merge_reports(reports, scenario=f"sweep:{scenario}", settings_masked=settings.masked())
+    report["scaling"] = scaling
+    write_json(run_dir / "report.json", report)
+    write_rendered(run_dir, report)
+    if scaling.get("usl"):
+        u = scaling["usl"]
+        console.print(f"USL: λ={u['lambda']:.2f}/s σ={u['sigma']:.4f} κ={u['kappa']:.5f} "
+                      f"peak N={u['n_peak']} R²={u['r2']:.3f}")
+    else:
+        console.print(f"[yellow]no USL fit:[/] {scaling.get('usl_note')}")
+    console.print(f"report: {run_dir / 'report.html'}")
+
+
+@main.command()
+@_settings_options([n for n in STACK_FIELDS if n != "serializer"])
+@run_options
+@click.option("--serializers", default="json,msgpack,yaml", show_default=True, help="Serializers to compare")
+@click.option("--sizes", default="100,1000,10000,100000,1000000", show_default=True, help="Payload sizes (bytes)")
+@click.option("--shapes", default="flat_strings,nested_dicts,numeric_lists,large_text", show_default=True,
+              help="Payload shapes")
+@click.option("--compressions", default=None, help="Compressions (default: every one kombu has)")
+@click.option("--budget-s", default=45.0, show_default=True, type=float, help="Time budget of the offline matrix")
+@click.option("--inband-sizes", default="1000,100000", show_default=True,
+              help="Payload sizes of the in-band runs ('' = offline only)")
+@click.option("--out", default=None, help="Directory (default reports/runs/<UTC-timestamp>-serialization/)")
+def serialization(serializers, sizes, shapes, compressions, budget_s, inband_sizes, out, **options):
+    """Serializer × payload shape × size × compression matrix through kombu, plus in-band runs."""
+    from loadtests.campaigns import run_serialization_inband
+    from reports import serialization as matrix
+    from reports.render import write_rendered
+    from reports.report import merge_reports, write_json
+
+    serializer_list = [v.strip() for v in serializers.split(",") if v.strip()]
+    allow_pickle = bool(options.get("allow_pickle"))
+    for name in serializer_list:
+        _build_settings(serializer=name, allow_pickle=allow_pickle)
+    size_list = _int_list("--sizes", sizes)
+    inband_list = _int_list("--inband-sizes", inband_sizes) if inband_sizes.strip() else []
+    shape_list = [v.strip() for v in shapes.split(",") if v.strip()]
+    compression_list = [v.strip() for v in compressions.split(",")] if compressions else None
+    settings = _build_settings(**options)
+    run_dir = _run_dir(out, "serialization")
+    _install_stop_signals()
+    try:
+        with console.status("offline serialization matrix…"):
+            rows = matrix.run_matrix(serializer_list, shape_list, size_list, compression_list,
+                                     time_budget_s=budget_s, allow_pickle=allow_pickle)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    inband = []
+    if inband_list:
+        inband = run_serialization_inband(settings, run_dir, console, serializers=serializer_list,
+                                          sizes=inband_list, shape=shape_list[0], offline_rows=rows)
+    reports = [json.loads((run_dir / r["run_dir"] / "report.json").read_text()) for r in inband]
+    if reports:
+        report = merge_reports(reports, scenario="serialization", settings_masked=settings.masked())
+    else:
+        from reports.report import empty_report
+
+        report = empty_report("serialization", settings.masked())
+    report["serialization"] = rows
+    report["serialization_inband"] = inband
+    write_json(run_dir / "report.json", report)
+    write_rendered(run_dir, report)
+    console.print(f"{len(rows)} offline combinations, {len(inband)} in-band runs; report: {run_dir / 'report.html'}")
 
 
 @main.command()

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     queue: str = Field("celery", pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Queue the tasks go to and the workers consume")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     metrics: OnOff = Field("on", description="Prometheus metrics")
+    metrics_host: str = Field("127.0.0.1", description="Address the /metrics endpoints bind (containers need 0.0.0.0)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="/metrics port of a standalone process (0 = its default, or a free port inside the stack)")
+    flower: bool = Field(False, description="Start Flower with the stack (bound to 127.0.0.1)")
+    flower_port: int = Field(0, ge=0, le=65535, description="Flower's port (0 = a free port)")
     max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
     api_host: str = Field("127.0.0.1", description="Address the producer API binds (containers need 0.0.0.0)")
     api_port: int = Field(0, ge=0, le=65535, description="Producer API port (0 = a free port)")
@@ -121,6 +125,7 @@ class Settings(BaseSettings):
     duration: float | None = Field(None, description="Load duration (30s, 2m); unset = the scenario's own")
     users: int | None = Field(None, ge=1, le=100_000, description="Peak Locust users; unset = the scenario's own")
     spawn_rate: float | None = Field(None, gt=0, description="Users started per second; unset = the scenario's own")
+    warmup_s: float = Field(0.0, ge=0, description="Seconds at the start of the load left out of the steady window")
     drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
     # --- internal wiring (set by the supervisor, not by users) ---------------------------------------------------
     run_id: str = Field("adhoc", description="Run identifier (ledger key prefix)")

@@ -1,0 +1,98 @@
+"""Campaigns of several real runs: a scaling sweep (one run per point, USL fit) and in-band serialization runs
+(one run per serializer and payload size). Each point is a complete ``loadlab run`` in a subdirectory."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from loadtests.headless import execute_run
+from reports.scaling import ScalingError, fit_usl, knee
+from stack.settings import Settings
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _point_run(settings: Settings, run_dir: Path, console: Console) -> dict | None:
+    return _point_run_scenario(settings, run_dir, console, None)
+
+
+def run_sweep(base: Settings, out: Path, console: Console, *, workers: list[int], concurrency: list[int],
+              prefetch: list[int], pools: list[str]) -> dict:
+    """One real run per point; warm-up excluded, the steady window measured; USL fit over N = workers × concurrency."""
+    points = []
+    for index, (n_workers, conc, pf, pool) in enumerate(itertools.product(workers, concurrency, prefetch, pools)):
+        settings = base.model_copy(update={"workers": n_workers, "concurrency": conc, "prefetch_multiplier": pf,
+                                           "pool": pool})
+        label = f"{index + 1:02d}-w{n_workers}-c{conc}-p{pf}-{pool}"
+        console.rule(f"sweep point {label}")
+        report = _point_run(settings, out / "points" / label, console)
+        if report is None:
+            raise RuntimeError(f"sweep point {label} did not run; see {out / 'points' / label}")
+        steady = report.get("steady") or {}
+        points.append({
+            "workers": n_workers, "concurrency": conc, "pool": pool, "prefetch_multiplier": pf,
+            "n": n_workers * conc,
+            "completed_per_s": steady.get("completed_per_s", report["throughput"]["completed_per_s"]),
+            "p95_ms": (steady.get("end_to_end_ms") or report["latency_ms"]["end_to_end"])["p95"],
+            "lost": report["tasks"]["lost"], "run_dir": f"points/{label}",
+        })
+    return {"points": points, **usl_section(points)}
+
+
+def usl_section(points: list[dict]) -> dict:
+    """The USL fit of a sweep's points, or the sentence saying why there is none."""
+    by_n: dict[int, list[float]] = {}
+    for p in points:
+        by_n.setdefault(p["n"], []).append(p["completed_per_s"])
+    pairs = [(n, max(xs)) for n, xs in sorted(by_n.items())]
+    try:
+        fit = fit_usl(pairs)
+    except ScalingError as exc:
+        return {"usl": None, "usl_note": str(exc)}
+    measured_max = max(n for n, _ in pairs)
+    predictions = [{"n": n, "completed_per_s": round(fit.predict(n), 3), "prediction": True}
+                   for n in (measured_max * 2, measured_max * 4)]
+    k = knee(fit, pairs)
+    return {"usl": fit.as_dict(), "knee_n": None if k == float("inf") else round(k, 2),
+            "predictions": predictions}
+
+
+def run_serialization_inband(base: Settings, out: Path, console: Console, *, serializers: list[str],
+                             sizes: list[int], shape: str, offline_rows: list[dict]) -> list[dict]:
+    """One real run per serializer and payload size (payload task echoing its body): throughput, end-to-end latency,
+    and the share of it that serializing costs (request and result each encoded once and decoded once, at the
+    offline matrix's uncompressed p50 for that serializer, shape and size)."""
+    from loadtests.scenarios import Scenario, TaskChoice
+
+    rows = []
+    for serializer, size in itertools.product(serializers, sizes):
+        scenario = Scenario(f"payload-{serializer}-{size}", f"payload task, {size} B {shape}, {serializer}",
+                            users=4, spawn_rate=4, duration_s=base.duration or 10, rate_per_user=10,
+                            mix=(TaskChoice("payload", 1, {"size_bytes": size, "shape": shape}),))
+        settings = base.model_copy(update={"serializer": serializer})
+        label = f"{serializer}-{size}"
+        console.rule(f"in-band run {label}")
+        report = _point_run_scenario(settings, out / "inband" / label, console, scenario)
+        if report is None:
+            raise RuntimeError(f"in-band run {label} did not run; see {out / 'inband' / label}")
+        e2e = report["latency_ms"]["end_to_end"]
+        offline = next((r for r in offline_rows if r["serializer"] == serializer and r["compression"] == "none"
+                        and r.get("shape") == shape and r["payload_bytes"] == size), None)
+        share = None
+        if offline and e2e["p50"]:
+            serializing_ms = 2 * (offline["encode_us"]["p50"] + offline["decode_us"]["p50"]) / 1000
+            share = round(serializing_ms / e2e["p50"], 4)
+        rows.append({"serializer": serializer, "payload_bytes": size, "shape": shape,
+                     "completed_per_s": report["throughput"]["completed_per_s"],
+                     "end_to_end_p50_ms": e2e["p50"], "end_to_end_p95_ms": e2e["p95"],
+                     "serialization_share": share, "run_dir": f"inband/{label}"})
+    return rows
+
+
+def _point_run_scenario(settings: Settings, run_dir: Path, console: Console, scenario) -> dict | None:
+    if execute_run(settings, run_dir, console=console, scenario=scenario) != EXIT_OK:
+        return None
+    return json.loads((run_dir / "report.json").read_text())
