@@ -12,6 +12,7 @@ from locust.event import Events
 from locust.stats import StatsCSVFileWriter, stats_history
 
 from loadtests.scenarios import Scenario
+from loadtests.shapes import shape_for
 from loadtests.users import build_user_classes
 from stack.settings import Settings
 
@@ -37,8 +38,12 @@ class LocustRun:
         self.settings = settings
         self.scenario = scenario
         # fresh event hooks per run: several runs in one process (sweeps) must not share listeners
+        shape = None
+        if scenario.shape:
+            shape = shape_for(scenario.shape, settings.users or scenario.users, settings.duration or scenario.duration_s,
+                              settings.spawn_rate or scenario.spawn_rate)
         self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=Events(),
-                                       host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
+                                       shape_class=shape, host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None
         self.stopped_at: float | None = None
@@ -59,7 +64,10 @@ class LocustRun:
         writer = StatsCSVFileWriter(env, CSV_PERCENTILES, str(self.out_dir / "locust"), full_history=True)
         greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
         self.started_at = time.time()
-        runner.start(self.users, spawn_rate=self.settings.spawn_rate or self.scenario.spawn_rate)
+        if env.shape_class is not None:
+            runner.start_shape()
+        else:
+            runner.start(self.users, spawn_rate=self.settings.spawn_rate or self.scenario.spawn_rate)
         end = time.monotonic() + self.duration_s
         try:
             while time.monotonic() < end:

@@ -24,6 +24,9 @@ class Scenario:
     rate_per_user: float          # tasks per second each user submits (Locust constant_throughput)
     mix: tuple[TaskChoice, ...]
     api_share: float = 0.0        # fraction of users that go through the HTTP API instead of apply_async
+    shape: str | None = None      # loadtests.shapes.SHAPES key: users change over the run
+    open_arrivals: bool = False   # constant arrival rate, latency measured from each intended send time
+    payload_stages: tuple[int, ...] = ()  # payload sizes stepped through over the run (payload-sweep)
 
 
 SMOKE_MIX = (
@@ -39,6 +42,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              users=10, spawn_rate=10, duration_s=30, rate_per_user=8, mix=SMOKE_MIX, api_share=0.2),
     Scenario("saturate", "More cpu tasks (5 ms) than the workers can take: measures capacity; used by sweeps.",
              users=10, spawn_rate=10, duration_s=20, rate_per_user=20, mix=(TaskChoice("cpu", 1, {"ms": 5}),)),
+    Scenario("step", "Users rise in five steps to the peak: find where latency bends.",
+             users=20, spawn_rate=20, duration_s=60, rate_per_user=5, mix=SMOKE_MIX, shape="step"),
+    Scenario("spike", "A sudden five-fold burst in the middle fifth of the run: does the backlog clear after it?",
+             users=25, spawn_rate=50, duration_s=60, rate_per_user=5, mix=SMOKE_MIX, shape="spike"),
+    Scenario("soak", "A steady moderate load for a long time (10 min): leaks, drift, recycling.",
+             users=5, spawn_rate=5, duration_s=600, rate_per_user=5, mix=SMOKE_MIX),
+    Scenario("open", "Constant arrival rate independent of completions; latency from each intended send time "
+             "(coordinated omission corrected).",
+             users=10, spawn_rate=10, duration_s=30, rate_per_user=5, mix=SMOKE_MIX, open_arrivals=True),
+    Scenario("payload-sweep", "Payload task bodies stepping 1 KB → 10 KB → 100 KB → 500 KB: size against cost.",
+             users=4, spawn_rate=4, duration_s=40, rate_per_user=5,
+             mix=(TaskChoice("payload", 1, {"size_bytes": 1024, "shape": "nested_dicts"}),),
+             payload_stages=(1024, 10_240, 102_400, 512_000)),
     Scenario("retry-storm", "Flaky tasks failing 60 % of attempts: exercises autoretry, backoff and exhaustion.",
              users=5, spawn_rate=5, duration_s=30, rate_per_user=4,
              mix=(TaskChoice("flaky", 1, {"p": 0.6}),)),

@@ -11,7 +11,8 @@ from locust import FastHttpUser, User, constant_throughput, task
 
 from loadtests.scenarios import Scenario
 from stack.settings import Settings
-from stack.tasks import TASK_ARGS, full_name
+from reports.ledger import HEADER_INTENDED_AT
+from stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
 _celery_apps: dict[int, object] = {}
 
@@ -45,18 +46,62 @@ class CeleryUser(User):
 
     @task
     def submit(self):
+        self.submit_next()
+
+    def submit_next(self) -> None:
+        """One submission; subclasses change what and when (the Locust task itself stays the same one)."""
         name, args = self.mix.pick()
+        self.publish(name, args)
+
+    def publish(self, name, args, headers: dict | None = None) -> None:
         kwargs = args.call_kwargs()
         app = celery_client(self.settings)
         started = time.perf_counter()
         exception = None
         try:
-            app.send_task(full_name(name), kwargs=kwargs)
+            app.send_task(full_name(name), kwargs=kwargs, headers=headers)
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
             exception = exc
         self.environment.events.request.fire(
             request_type="celery", name=f"publish {name}", response_time=(time.perf_counter() - started) * 1000,
             response_length=0, exception=exception, context={})
+
+
+class OpenCeleryUser(CeleryUser):
+    """Constant arrivals: each user publishes on a fixed schedule whatever happened before. A late publish keeps
+    its scheduled time in a header, and latency counts from there (coordinated omission corrected)."""
+
+    abstract = True
+    interval_s = 0.1
+
+    def on_start(self):
+        self._next_intended = time.time() + random.random() * self.interval_s  # spread users over one interval
+
+    def wait_time(self):
+        return max(0.0, self._next_intended - time.time())
+
+    def submit_next(self) -> None:
+        intended = self._next_intended
+        self._next_intended += self.interval_s
+        name, args = self.mix.pick()
+        self.publish(name, args, headers={HEADER_INTENDED_AT: intended})
+
+
+class StagedPayloadUser(CeleryUser):
+    """Payload bodies step through sizes as the run goes on (payload-sweep)."""
+
+    abstract = True
+    stages: tuple[int, ...] = ()
+    stage_s = 10.0
+    shape = "nested_dicts"
+    _started_at: float | None = None
+
+    def submit_next(self) -> None:
+        cls = type(self)
+        if cls._started_at is None:
+            cls._started_at = time.time()
+        index = min(len(self.stages) - 1, int((time.time() - cls._started_at) / self.stage_s))
+        self.publish("payload", PayloadArgs(size_bytes=self.stages[index], shape=self.shape))
 
 
 class ApiUser(FastHttpUser):
@@ -86,19 +131,28 @@ class ApiUser(FastHttpUser):
             gevent.sleep(self.poll_interval_s)
 
 
-def build_user_classes(settings: Settings, scenario: Scenario) -> list[type[User]]:
+def build_user_classes(settings: Settings, scenario: Scenario, prefix: str = "") -> list[type[User]]:
     """Concrete user classes for a scenario, carrying the settings (no second source of defaults)."""
     mix = _Mix(scenario)
     rate = scenario.rate_per_user
+    duration_s = settings.duration or scenario.duration_s
     classes: list[type[User]] = []
     celery_weight = round((1 - scenario.api_share) * 100)
     api_weight = 100 - celery_weight
     if celery_weight:
-        classes.append(type("CeleryTaskUser", (CeleryUser,), {
-            "abstract": False, "settings": settings, "mix": mix, "weight": celery_weight,
-            "wait_time": constant_throughput(rate), "__module__": __name__}))
+        attrs = {"abstract": False, "settings": settings, "mix": mix, "weight": celery_weight,
+                 "__module__": __name__}
+        if scenario.open_arrivals:
+            base, attrs["interval_s"] = OpenCeleryUser, 1.0 / rate
+        elif scenario.payload_stages:
+            base = StagedPayloadUser
+            attrs.update(stages=scenario.payload_stages, stage_s=duration_s / len(scenario.payload_stages),
+                         wait_time=constant_throughput(rate))
+        else:
+            base, attrs["wait_time"] = CeleryUser, constant_throughput(rate)
+        classes.append(type(f"{prefix}CeleryTaskUser", (base,), attrs))
     if api_weight and settings.api_url:
-        classes.append(type("ApiTaskUser", (ApiUser,), {
+        classes.append(type(f"{prefix}ApiTaskUser", (ApiUser,), {
             "abstract": False, "settings": settings, "mix": mix, "weight": api_weight, "host": settings.api_url,
             "wait_time": constant_throughput(rate), "__module__": __name__}))
     return classes

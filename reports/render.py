@@ -155,7 +155,12 @@ def render_html(report: dict) -> str:
         "end to end: first sent → final result stored.</p></section>",
     ]
     if plot:
-        sections.append(f"<section><h2>Over time</h2>{plot}</section>")
+        little = report.get("littles_law")
+        little_text = (f"<p class='note'>Little's law check: completion rate {little['arrival_rate_per_s']:.1f}/s × "
+                       f"mean end-to-end {little['mean_end_to_end_s'] * 1000:.1f} ms predicts "
+                       f"{little['predicted_in_system']:.1f} tasks in the system; the ledger saw "
+                       f"{little['observed_in_system']:.1f} on average (ratio {little['ratio']}).</p>") if little else ""
+        sections.append(f"<section><h2>Over time</h2>{plot}{little_text}</section>")
     if by_task:
         sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
                         _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")

@@ -46,9 +46,24 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "histograms_hdr": recorded["histograms"],
         "verdict": verdict(tasks, drained),
     }
+    report["littles_law"] = littles_law(report)
     if extra:
         report.update(extra)
     return report
+
+
+def littles_law(report: dict) -> dict | None:
+    """L = λW: tasks in the system should equal completion rate × mean end-to-end time. A large mismatch means
+    the ledger or the clocks are wrong (or the run never reached a steady state)."""
+    rows = [r for r in report.get("timeseries", []) if r["completed_per_s"] or r["in_system"]]
+    if not rows or not report["latency_ms"]["end_to_end"]["count"]:
+        return None
+    observed = sum(r["in_system"] for r in rows) / len(rows)
+    rate = sum(r["completed_per_s"] + r["failed_per_s"] for r in rows) / len(rows)
+    predicted = rate * report["latency_ms"]["end_to_end"]["mean"] / 1000
+    return {"arrival_rate_per_s": round(rate, 3), "mean_end_to_end_s": round(report["latency_ms"]["end_to_end"]["mean"] / 1000, 4),
+            "predicted_in_system": round(predicted, 3), "observed_in_system": round(observed, 3),
+            "ratio": round(observed / predicted, 3) if predicted else None}
 
 
 def verdict(tasks: dict, drained: bool) -> dict:

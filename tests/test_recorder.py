@@ -1,0 +1,86 @@
+"""The recorder on synthetic ledger records: percentiles, ordering races, retries, coordinated omission."""
+import numpy as np
+import pytest
+
+from reports import ledger
+from reports.recorder import Recorder
+
+
+def _recorder(**kw):
+    return Recorder("redis://127.0.0.1:1/0", "unit", **kw)  # never connects: records are handed in directly
+
+
+def _sent(r, task_id, sent_at, name="loadlab.noop", publish_s=0.001, intended=None):
+    r.handle([ledger.SENT, task_id, name, sent_at, publish_s, intended])
+
+
+def _attempt(r, task_id, state, sent_at, started, done, retries=0, name="loadlab.noop", intended=None, exc=None):
+    r.handle([ledger.ATTEMPT, task_id, name, state, sent_at, sent_at, None, started, done, done + 0.0001,
+              retries, exc, intended, "w1"])
+
+
+def test_percentiles_match_numpy_within_one_percent():
+    rng = np.random.default_rng(7)
+    e2e = rng.lognormal(mean=np.log(0.02), sigma=0.8, size=20_000)  # seconds
+    r = _recorder()
+    for i, seconds in enumerate(e2e):
+        _sent(r, str(i), 1000.0)
+        _attempt(r, str(i), "SUCCESS", 1000.0, 1000.0, 1000.0 + seconds - 0.0001)
+    stats = r.summary()["latency_ms"]["end_to_end"]
+    for p in (50, 90, 95, 99):
+        exact = np.percentile(e2e * 1000, p)
+        assert abs(stats[f"p{p}"] - exact) / exact < 0.01, (p, stats[f"p{p}"], exact)
+    assert stats["count"] == len(e2e)
+
+
+def test_a_result_that_beats_its_sent_record_is_matched():
+    r = _recorder()
+    _attempt(r, "a", "SUCCESS", 10.0, 10.1, 10.2)
+    assert r.outstanding == 0 and r.counts["succeeded"] == 0
+    _sent(r, "a", 10.0)
+    assert r.counts["succeeded"] == 1 and r.outstanding == 0
+
+
+def test_orphans_are_adopted_and_redeliveries_are_duplicates():
+    r = _recorder()
+    _sent(r, "a", 10.0)
+    _attempt(r, "a", "SUCCESS", 10.0, 10.1, 10.2)
+    _attempt(r, "a", "SUCCESS", 10.0, 11.1, 11.2)   # the same task run again (redelivered)
+    _attempt(r, "b", "SUCCESS", 10.5, 10.6, 10.7)   # its SENT record never came
+    r.adopt_orphans()
+    t = r.summary()["tasks"]
+    assert t["submitted"] == 2 and t["succeeded"] == 2 and t["duplicates"] == 1 and t["lost"] == 0
+
+
+def test_unfinished_tasks_are_lost_with_their_ids():
+    r = _recorder()
+    _sent(r, "a", 10.0)
+    _sent(r, "b", 10.0)
+    _attempt(r, "a", "SUCCESS", 10.0, 10.1, 10.2)
+    summary = r.summary()
+    assert summary["tasks"]["lost"] == 1 and summary["lost_ids"] == ["b"]
+
+
+def test_retries_attempts_and_exhaustion():
+    r = _recorder(max_retries=2)
+    _sent(r, "ok", 0.0, name="loadlab.flaky")
+    _attempt(r, "ok", "RETRY", 0.0, 0.1, 0.2, retries=0, name="loadlab.flaky", exc="FlakyError")
+    _attempt(r, "ok", "SUCCESS", 0.0, 1.2, 1.3, retries=1, name="loadlab.flaky")
+    _sent(r, "bad", 0.0, name="loadlab.flaky")
+    for attempt in range(2):
+        _attempt(r, "bad", "RETRY", 0.0, attempt + 0.1, attempt + 0.2, retries=attempt, name="loadlab.flaky",
+                 exc="FlakyError")
+    _attempt(r, "bad", "FAILURE", 0.0, 2.1, 2.2, retries=2, name="loadlab.flaky", exc="FlakyError")
+    s = r.summary()
+    assert s["tasks"]["retried"] == 3 and s["tasks"]["succeeded"] == 1 and s["tasks"]["failed"] == 1
+    assert s["retries"]["attempts"] == {"2": 1, "3": 1}
+    assert s["retries"]["exhausted"] == 1 and s["retries"]["tasks_retried"] == 2
+    # observed backoff: failed at 0.2 (body done) -> next attempt started at 1.2
+    assert s["retries"]["backoff_observed_s"]["max"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_latency_counts_from_the_intended_send_time():
+    r = _recorder()
+    _sent(r, "late", 10.5, intended=10.0)
+    _attempt(r, "late", "SUCCESS", 10.5, 10.55, 10.6, intended=10.0)
+    assert r.summary()["latency_ms"]["end_to_end"]["max"] == pytest.approx(600, rel=0.01)
