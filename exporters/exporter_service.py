@@ -66,21 +66,21 @@ MAX_TASK_NAMES = 500               # distinct task label values; the rest count 
 UNKNOWN_TASK = "unknown"
 OTHER_TASK = "other"
 UNACKED_ALL_QUEUES = "*"
-RUNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+RUNTIME_BUCKETS = names.TASK_RUNTIME.buckets
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 
-# event type -> counter name (from the one place metric names are defined)
+# event type -> counter name (names are defined once, in exporters.metrics)
 TASK_COUNTERS = {
-    "task-sent": getattr(names, "celery_task_sent_total", "celery_task_sent_total"),
-    "task-received": getattr(names, "celery_task_received_total", "celery_task_received_total"),
-    "task-started": getattr(names, "celery_task_started_total", "celery_task_started_total"),
-    "task-succeeded": getattr(names, "celery_task_succeeded_total", "celery_task_succeeded_total"),
-    "task-failed": getattr(names, "celery_task_failed_total", "celery_task_failed_total"),
-    "task-retried": getattr(names, "celery_task_retried_total", "celery_task_retried_total"),
-    "task-rejected": getattr(names, "celery_task_rejected_total", "celery_task_rejected_total"),
-    "task-revoked": getattr(names, "celery_task_revoked_total", "celery_task_revoked_total"),
+    "task-sent": names.TASK_SENT.name,
+    "task-received": names.TASK_RECEIVED.name,
+    "task-started": names.TASK_STARTED.name,
+    "task-succeeded": names.TASK_SUCCEEDED.name,
+    "task-failed": names.TASK_FAILED.name,
+    "task-retried": names.TASK_RETRIED.name,
+    "task-rejected": names.TASK_REJECTED.name,
+    "task-revoked": names.TASK_REVOKED.name,
 }
-RUNTIME_METRIC = getattr(names, "celery_task_runtime_seconds", "celery_task_runtime_seconds")
+RUNTIME_METRIC = names.TASK_RUNTIME.name
 
 
 # --- event handling --------------------------------------------------------------------------------------------------
@@ -195,8 +195,11 @@ class EventState:
             slot = self.workers[host] = [0.0, DEFAULT_HEARTBEAT_FREQ_S, 0, 0, True]
         slot[0] = self.clock()
         slot[1] = event.get("freq") or DEFAULT_HEARTBEAT_FREQ_S
-        slot[2] = event.get("active") or 0
-        slot[3] = event.get("processed") or slot[3]
+        # a heartbeat answering the exporter's wake-up broadcast carries no counts: keep the last ones
+        active = event.get("active")
+        if active is not None:
+            slot[2] = active
+            slot[3] = event.get("processed") or slot[3]
         slot[4] = True
 
     def _worker_offline(self, event: dict) -> None:
@@ -453,14 +456,14 @@ class _Collector:
         now = time.monotonic()
         snapshot = svc.broker_snapshot
         if snapshot is not None:
-            length = GaugeMetricFamily(names.celery_queue_length, "Messages ready in the queue (Redis: the list and "
+            length = GaugeMetricFamily(names.QUEUE_LENGTH, "Messages ready in the queue (Redis: the list and "
                                        "its priority sub-lists; RabbitMQ: passive declare message_count).",
                                        labels=["queue"])
             for queue, n in snapshot["length"].items():
                 length.add_metric([queue], n)
             yield length
             if snapshot["unacked"]:
-                unacked = GaugeMetricFamily(names.celery_queue_unacked, "Messages delivered to workers and not yet "
+                unacked = GaugeMetricFamily(names.QUEUE_UNACKED, "Messages delivered to workers and not yet "
                                             "acknowledged (Redis keeps one hash for every queue: queue=\"*\").",
                                             labels=["queue"])
                 for queue, n in snapshot["unacked"].items():
@@ -474,9 +477,9 @@ class _Collector:
                 yield consumers
 
         status = svc.state.worker_status(svc.events_reference_time(now), svc.worker_timeout_s)
-        up = GaugeMetricFamily(names.celery_worker_up, "1 while the worker's heartbeats arrive within the timeout.",
+        up = GaugeMetricFamily(names.WORKER_UP, "1 while the worker's heartbeats arrive within the timeout.",
                                labels=["hostname"])
-        active = GaugeMetricFamily(names.celery_worker_tasks_active, "Tasks the worker is executing (its last "
+        active = GaugeMetricFamily(names.WORKER_TASKS_ACTIVE, "Tasks the worker is executing (its last "
                                    "heartbeat).", labels=["hostname"])
         for host, (is_up, n_active) in sorted(status.items()):
             up.add_metric([host], is_up)

@@ -6,6 +6,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from exporters import loadgen_metrics, tracing
+from exporters.scrape import scrape_all
 from loadtests.runner import LocustRun, completion_listener
 from loadtests.scenarios import Scenario, get_scenario
 from reports.recorder import Recorder
@@ -40,7 +42,9 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     write_json(run_dir / "settings.json", settings.masked())
     load = LocustRun(settings, scenario, run_dir / "locust")
     recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
-                        on_completion=completion_listener(load.environment), warmup_s=settings.warmup_s).start()
+                        on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
+                        warmup_s=settings.warmup_s).start()
+    loadgen_metrics.serve(settings, recorder)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False) as progress:
@@ -63,11 +67,15 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     finally:
         recorder.close()
     recorded = recorder.summary()
+    artefacts = {"settings": "settings.json", "locust CSV": "locust/", "process logs": "logs/"}
+    # the final scrape, while every process still runs (before the stack stops)
+    artefacts.update({f"metrics of {name}": path for name, path in scrape_all(stack, run_dir / "metrics").items()})
+    if settings.tracing != "off" and not tracing.exports_otlp():
+        artefacts["traces (OTLP JSON lines)"] = tracing.TRACES_FILE
     report = build_report(scenario=scenario.name, settings_masked=settings.masked(), started_at=load.started_at,
                           load_stopped_at=load.stopped_at, recorded=recorded, locust=load.stats(),
                           retry_policy=retry_policy(settings), drained=drained,
-                          extra={"artefacts": {"settings": "settings.json", "locust CSV": "locust/",
-                                               "process logs": "logs/"}})
+                          extra={"artefacts": artefacts})
     write_json(run_dir / "report.json", report)
     write_rendered(run_dir, report)
     _print_summary(report, run_dir, console)

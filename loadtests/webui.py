@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -308,6 +309,9 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     from reports.report import write_json
     from stack.supervisor import StartupError, Stack
 
+    # Locust's web UI parses sys.argv with its own parser on every page load (the "custom parameters" of its
+    # form): loadlab's flags would make that parser exit, so the process shows it no arguments.
+    sys.argv[1:] = []
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     try:
         with console.status("starting the stack (broker, workers, producer API)…"):

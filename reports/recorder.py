@@ -21,13 +21,13 @@ PERCENTILES = (50, 90, 95, 99)
 # microseconds, 1 us .. 1 h, 3 significant digits (DESIGN: >= 3)
 HDR_LOWEST_US, HDR_HIGHEST_US, HDR_DIGITS = 1, 3_600_000_000, 3
 SERIES_DIGITS = 2  # per-bucket histograms of the time series: 1 % resolution keeps them small
-MAX_BUCKETS = 512
+MAX_BUCKETS = 240  # with 4-byte counters and 2 digits: ~3 MB at most for the whole series
 RECENT_TERMINAL = 100_000
 RETRY_CHAIN_LIMIT = 1000
 
 
-def new_histogram(digits: int = HDR_DIGITS) -> HdrHistogram:
-    return HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, digits)
+def new_histogram(digits: int = HDR_DIGITS, word_size: int = 8) -> HdrHistogram:
+    return HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, digits, word_size=word_size)
 
 
 def record_seconds(hist: HdrHistogram, seconds: float | None) -> None:
@@ -53,7 +53,7 @@ class Bucket:
     completed: int = 0
     failed: int = 0
     retried: int = 0
-    end_to_end: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS))
+    end_to_end: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS, word_size=4))
 
     def merge(self, other: "Bucket") -> None:
         self.submitted += other.submitted

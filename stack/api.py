@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from exporters import api_metrics, tracing
 from stack.app import make_app
 from stack.settings import Settings
 from stack.tasks import TASK_ARGS, full_name
@@ -57,10 +58,12 @@ def _jsonable(value):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    celery_app = make_app(settings)
+    celery_app = make_app(settings, role="api")
     api = FastAPI(title="loadlab producer API", version="1",
                   description="Submits loadlab's reference Celery tasks and reports their state.")
     limit = settings.api_max_body_bytes
+    api_metrics.instrument_api(api, settings)
+    tracing.instrument_api(api, settings)
 
     @api.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):

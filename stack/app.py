@@ -43,8 +43,10 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    """The reference app (or the user's ``--app``), configured and with the ledger hooks installed."""
+def make_app(settings: Settings | None = None, role: str = "producer") -> Celery:
+    """The reference app (or the user's ``--app``), configured and with the ledger hooks installed; with
+    ``--metrics on`` the metric hooks and timed serializers, with ``--tracing`` the tracing of this process
+    (``role="worker"``: of every process that runs tasks, set up by worker signals)."""
     settings = settings or Settings.from_env()
     if settings.app:
         app = symbol_by_name(settings.app)
@@ -53,4 +55,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         app.conf.update(celery_config(settings))
         register_tasks(app, settings)
     task_hooks.install(settings.ledger_url, settings.run_id)
+    if settings.metrics == "on":
+        from exporters import serializers, worker_metrics
+
+        serializers.install()  # before the result backend exists: backends copy the encoder when built
+        worker_metrics.install(settings)
+    if settings.tracing != "off":
+        from exporters import tracing
+
+        tracing.install(app, settings, role)
     return app

@@ -139,6 +139,10 @@ def up(out, **options):
         s = stack.settings
         console.print(f"[green]stack up[/]  broker {Settings.masked(s)['broker']}  backend {Settings.masked(s)['backend']}")
         console.print(f"producer API {s.api_url}  (OpenAPI: {s.api_url}/docs)   logs {run_dir / 'logs'}")
+        if stack.flower_url:
+            console.print(f"Flower {stack.flower_url}")
+        if stack.endpoints:
+            console.print("metrics " + "  ".join(f"{name} {url}" for name, url in stack.endpoints.items()))
         console.print(f"drive it with Locust: LOADLAB_BROKER={Settings.masked(s)['broker']} "
                       f"LOADLAB_BACKEND={Settings.masked(s)['backend']} LOADLAB_API_URL={s.api_url} "
                       f"LOADLAB_LEDGER_URL={Settings.masked(s)['ledger_url']} LOADLAB_RUN_ID={s.run_id} "
@@ -182,6 +186,31 @@ def run(scenario, out, gates_file, baseline, **options):
         sys.exit(code)
     if rules is not None:
         sys.exit(_gate(run_dir, gates_file, baseline))
+
+
+# --- ui -----------------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("scenario", required=False, default=None)
+@stack_options
+@run_options
+@click.option("--web-port", default=8089, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the Locust web UI (bound to 127.0.0.1 only)")
+@click.option("--out", default=None, help="Directory for logs and Locust CSVs (default reports/runs/<UTC-timestamp>-ui/)")
+def ui(scenario, web_port, out, **options):
+    """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios in the UI; Ctrl-C stops
+    every process. SCENARIO (default smoke) sets the users and spawn rate the form starts with."""
+    from loadtests.scenarios import get_scenario
+    from loadtests.webui import port_free, serve
+
+    settings = _build_settings(scenario=scenario, **options)
+    get_scenario(settings.scenario)
+    if not port_free(web_port):
+        raise UsageError(f"--web-port {web_port} is in use on 127.0.0.1; give a free port.")
+    run_dir = _run_dir(out, "ui")
+    _install_stop_signals()
+    code = serve(settings, run_dir, web_port, console=console)
+    if code != EXIT_OK:
+        sys.exit(code)
 
 
 def _load_gate_rules(gates_file: str, baseline: str | None):
@@ -363,6 +392,99 @@ def api(**options):
     os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "stack.api:create_app", "--factory",
                                "--host", settings.api_host, "--port", str(port), "--no-access-log",
                                "--log-level", "warning"], settings.child_env())
+
+
+@main.command()
+@stack_options
+@click.option("--queues", default=None, help="More queues to watch besides --queue, comma-separated")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between broker polls")
+@click.option("--worker-timeout", default=None, type=click.FloatRange(min=0.1),
+              help="Seconds without a heartbeat before celery_worker_up reads 0 (default 2.5x the worker's interval)")
+@click.option("--task-events/--no-task-events", default=False,
+              help="Count task events too (for apps not instrumented in-process; asks workers to send them)")
+def exporter(queues, interval, worker_timeout, task_events, **options):
+    """Serve queue depth, worker liveness and active tasks of any Celery deployment on /metrics
+    (--metrics-host/--metrics-port, default port 9808)."""
+    import os
+
+    from exporters.exporter_service import DEFAULT_PORT, parse_queues
+
+    settings = _build_settings(**options)
+    if not settings.broker and not settings.app:
+        raise UsageError("loadlab exporter needs --broker (or LOADLAB_BROKER), e.g. --broker redis://127.0.0.1:6379/0.")
+    try:
+        parse_queues(queues)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    argv = [sys.executable, "-m", "exporters.exporter_service", "--host", settings.metrics_host,
+            "--port", str(settings.metrics_port or DEFAULT_PORT), "--queues", queues or "", "--interval", str(interval)]
+    if worker_timeout:
+        argv += ["--worker-timeout", str(worker_timeout)]
+    if task_events:
+        argv.append("--task-events")
+    # exec a clean interpreter: the collection threads must be real threads, not this process's gevent greenlets
+    os.execve(sys.executable, argv, settings.child_env())
+
+
+@main.group()
+def bench():
+    """Side-by-side benchmarks that print ratios measured in one run."""
+
+
+@bench.command("publish")
+@stack_options
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="A B rounds")
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds per side")
+@click.option("--out", default=None, help="Directory for the stack's logs")
+def bench_publish_command(rounds, seconds, out, **options):
+    """Raw send_task loop against the Locust Celery user, same stack, one process; prints rates and the ratio."""
+    from loadtests.bench_publish import bench_publish
+
+    settings = _build_settings(**options)
+    run_dir = _run_dir(out, "bench-publish")
+    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
+    _install_stop_signals()
+    result = bench_publish(settings, run_dir, rounds, seconds, console)
+    console.print(f"publish rate: raw send_task {result['raw_per_s']:.0f}/s, Locust Celery user "
+                  f"{result['user_per_s']:.0f}/s; ratio {result['ratio']:.3f} "
+                  f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}; target >= 0.90)")
+
+
+@bench.command("recorder")
+@click.option("--sizes", default="100000,1000000", show_default=True, help="Task counts, each in a fresh process")
+def bench_recorder_command(sizes):
+    """Synthetic task records through the recorder and report builder: RSS ratio and 1M build time."""
+    from reports.bench_recorder import measure
+
+    counts = _int_list("--sizes", sizes)
+    results = []
+    for count in counts:
+        with console.status(f"{count:,} task records…"):
+            results.append(measure(count))
+        r = results[-1]
+        console.print(f"{r['tasks']:>9,} tasks: feed {r['feed_s']:.2f}s, build {r['build_s']:.2f}s, "
+                      f"peak RSS {r['peak_rss_mb']:.1f} MB")
+    if len(results) >= 2:
+        console.print(f"RSS ratio {results[-1]['tasks']:,} : {results[0]['tasks']:,} = "
+                      f"{results[-1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.3f} (target <= 1.1); "
+                      f"build time of the largest {results[-1]['build_s']:.2f}s (target <= 10 s)")
+
+
+@bench.command("exporter")
+@click.option("--events", default=50_000, show_default=True, type=click.IntRange(min=1000), help="Events in the stream")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Alternating rounds")
+@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the generated stream")
+@click.option("--out", default=None, help="Directory for bench.json (default reports/runs/<UTC-timestamp>-bench-exporter/)")
+def bench_exporter(events, rounds, seed, out):
+    """loadlab's event handling vs Flower's EventsState on one generated stream: events/s each and the ratio."""
+    import subprocess
+
+    run_dir = _run_dir(out, "bench-exporter")
+    # a clean interpreter: gevent's patched locks would slow prometheus_client inside Flower's handler
+    code = subprocess.call([sys.executable, "-m", "exporters.bench_events", "--events", str(events),
+                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir)])
+    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
 
 
 @main.group()

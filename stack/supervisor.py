@@ -28,6 +28,9 @@ class Stack:
         self.redis: Child | None = None
         self.workers: list[Child] = []
         self.api: Child | None = None
+        self.exporter: Child | None = None
+        self.flower: Child | None = None
+        self.endpoints: dict[str, str] = {}  # name -> /metrics URL of every process that serves one
         self._app = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -43,11 +46,12 @@ class Stack:
         self.stop()
 
     def children(self) -> list[Child]:
-        return [c for c in [self.api, *self.workers, self.redis] if c is not None]
+        return [c for c in [self.api, self.flower, *self.workers, self.exporter, self.redis] if c is not None]
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._start_embedded_redis()
+        self._start_observers()  # before the workers, so their worker-online events are seen
         s = self.settings
         for index in range(1, s.workers + 1):
             self.workers.append(self._worker_child(index).start())
@@ -95,7 +99,32 @@ class Stack:
                    "--without-mingle", "--without-gossip"]
         if s.max_tasks_per_child:
             command += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
+        if s.flower:
+            # Flower counts tasks from task events. Heartbeats (the exporter's celery_worker_up) need no -E.
+            command.append("--task-events")
         return Child(f"worker{index}", command, self.log_dir / f"worker{index}.log", env=s.child_env())
+
+    def _start_observers(self) -> None:
+        """The exporter service (metrics on) and Flower (--flower), each on a free port, /metrics in ``endpoints``."""
+        s = self.settings
+        if s.metrics == "on":
+            port = embedded.free_port()
+            self.exporter = Child("exporter", [sys.executable, "-m", "exporters.exporter_service",
+                                               "--host", s.metrics_host, "--port", str(port)],
+                                  self.log_dir / "exporter.log", env=s.child_env(ledger_url=None)).start()
+            self.endpoints["exporter"] = f"http://{_local(s.metrics_host)}:{port}/metrics"
+        if s.flower:
+            port = s.flower_port or embedded.free_port()
+            self.flower = Child("flower", [sys.executable, "-m", "celery", "-A", "stack.worker_app:app", "flower",
+                                           "--address=127.0.0.1", f"--port={port}", "--logging=warning"],
+                                # Flower only watches: no ledger, metric or tracing hooks in its process
+                                self.log_dir / "flower.log",
+                                env=s.child_env(ledger_url=None, metrics="off", tracing="off")).start()
+            self.endpoints["flower"] = f"http://127.0.0.1:{port}/metrics"
+
+    @property
+    def flower_url(self) -> str | None:
+        return self.endpoints["flower"].removesuffix("/metrics") if "flower" in self.endpoints else None
 
     def worker_name(self, index: int) -> str:
         return f"w{index}.{self.settings.run_id}@127.0.0.1"
@@ -105,13 +134,20 @@ class Stack:
         if self._app is None:
             from stack.app import make_app
 
-            self._app = make_app(self.settings.model_copy(update={"ledger_url": None}))
+            # the supervisor's own control app: no ledger records, no tracer (no exporter thread in this process)
+            self._app = make_app(self.settings.model_copy(update={"ledger_url": None, "tracing": "off"}))
         return self._app
 
     # --- readiness ---------------------------------------------------------------------------------------------
     def wait_ready(self) -> None:
         names = {self.worker_name(i) for i in range(1, len(self.workers) + 1)}
         self._wait(lambda: self._workers_answer(names), None, "workers", watch=self.workers)
+        if self.exporter is not None:
+            self._wait(lambda: self._metrics_show(self.endpoints["exporter"], "celery_worker_up", "hostname", names),
+                       self.exporter, "exporter")
+        if self.flower is not None:
+            self._wait(lambda: self._metrics_show(self.endpoints["flower"], "flower_worker_online", "worker", names),
+                       self.flower, "Flower")
         if self.api is not None:
             self._wait(lambda: self._api_healthy(), self.api, "producer API")
 
@@ -147,9 +183,24 @@ class Stack:
         answered = {name for reply in replies for name in reply}
         return names <= answered
 
+    @staticmethod
+    def _metrics_show(url: str, metric: str, label: str, names: set[str]) -> bool:
+        """The endpoint answers and reports ``metric{label=<name>} 1`` for every worker: it sees the workers."""
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                text = response.read().decode()
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+        return all(f'{metric}{{{label}="{name}"}} 1.0' in text for name in names)
+
     def _api_healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.settings.api_url}/healthz", timeout=2) as response:
                 return response.status == 200 and json.load(response).get("status") == "ok"
         except Exception:  # noqa: BLE001
             return False
+
+
+def _local(host: str) -> str:
+    """Where this machine reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

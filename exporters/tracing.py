@@ -1,0 +1,286 @@
+"""OpenTelemetry tracing of the stack: one trace per submitted task, API request -> publish -> run -> result store.
+
+The contrib instrumentations do the spans: Celery (publish and run, context in the message headers), FastAPI (the
+API request) and Redis — on the result backend's client only, so the result store shows up inside the run span
+while the broker's polling and the harness's own ledger pushes stay out of the traces.
+
+Where the contrib code has gaps, this module fills them:
+- per pool child: the provider, the span processor's thread and the Celery instrumentation are set up in
+  ``worker_process_init`` (never in the prefork MainProcess, which runs no task and must not fork with a live
+  exporter thread); threads/solo/gevent pools set up in the MainProcess at ``worker_init``;
+- a child that exits (``max_tasks_per_child`` recycling included) leaves through ``os._exit``, so no atexit handler
+  runs and the batch processor's queued spans would be lost: ``worker_process_shutdown`` flushes them;
+- the batch queue is sized so a burst does not drop spans before the next export.
+
+``--tracing all`` samples every trace, ``sampled`` keeps ``trace_sample_ratio`` of new traces (parent-based: a task
+follows the decision of whoever published it). Spans go over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set
+(``OTEL_EXPORTER_OTLP_PROTOCOL`` grpc or http/protobuf), otherwise to ``<run_dir>/traces.jsonl``: one finished span
+per line, as an OTLP JSON ``TracesData`` document, appended with one ``O_APPEND`` write per batch so that lines from
+several processes never interleave.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from celery import signals
+
+log = logging.getLogger("loadlab.tracing")
+
+TRACES_FILE = "traces.jsonl"
+MAX_QUEUE_SIZE = 65_536      # spans buffered per process before the batch processor drops any
+FLUSH_TIMEOUT_MS = 10_000
+
+_state: dict = {"provider": None, "role": None, "worker_hooks": False}
+
+
+# --- setup -------------------------------------------------------------------------------------------------------------
+def install(app, settings, role: str) -> None:
+    """Trace this process (producers: now) or, for ``role="worker"``, every process that runs tasks."""
+    if settings.tracing == "off":
+        return
+    _state["app"], _state["settings"] = app, settings
+    if role != "worker":
+        setup(app, settings, f"loadlab-{role}")
+        return
+    if _state["worker_hooks"]:
+        return
+    _state["worker_hooks"] = True
+    _import_sdk()  # in the parent: pool children (and every recycled replacement) inherit the loaded modules
+    signals.worker_init.connect(_worker_init, weak=False, dispatch_uid="loadlab-tracing-worker-init")
+    signals.worker_process_init.connect(_worker_process_init, weak=False, dispatch_uid="loadlab-tracing-process-init")
+    signals.worker_process_shutdown.connect(_flush_on_exit, weak=False, dispatch_uid="loadlab-tracing-process-exit")
+    signals.worker_shutdown.connect(_flush_on_exit, weak=False, dispatch_uid="loadlab-tracing-worker-exit")
+
+
+def setup(app, settings, service: str):
+    """Provider, exporter and instrumentations for this process (once)."""
+    if _state["provider"] is not None:
+        return _state["provider"]
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service,
+                                "service.instance.id": f"{os.uname().nodename}:{os.getpid()}"})
+    provider = TracerProvider(resource=resource, sampler=sampler(settings))
+    provider.add_span_processor(BatchSpanProcessor(span_exporter(settings), max_queue_size=MAX_QUEUE_SIZE,
+                                                   max_export_batch_size=512))
+    trace.set_tracer_provider(provider)
+    _state["provider"] = provider
+    CeleryInstrumentor().instrument(tracer_provider=provider)
+    instrument_result_backend(app, provider)
+    return provider
+
+
+def _import_sdk() -> None:
+    import opentelemetry.instrumentation.celery  # noqa: F401
+    import opentelemetry.instrumentation.redis  # noqa: F401
+    import opentelemetry.sdk.resources  # noqa: F401
+    import opentelemetry.sdk.trace.export  # noqa: F401
+    import opentelemetry.sdk.trace.sampling  # noqa: F401
+    if exports_otlp():
+        span_exporter_class()
+
+
+def sampler(settings):
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    if settings.tracing == "all":
+        return ParentBased(ALWAYS_ON)
+    return ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+
+
+def exports_otlp() -> bool:
+    """Spans go to a collector (the standard OTLP variables are set), not to traces.jsonl."""
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def span_exporter_class():
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter
+
+
+def span_exporter(settings):
+    if exports_otlp():
+        return span_exporter_class()()
+    directory = Path(settings.run_dir) if settings.run_dir else Path.cwd()
+    return JsonLinesSpanExporter(directory / TRACES_FILE)
+
+
+def instrument_result_backend(app, provider) -> None:
+    """Trace the Redis result backend's clients (the result store), not Redis as a whole. Celery builds one backend
+    per thread (the API's thread pool, the threads pool), so every client the backend class creates is instrumented,
+    plus the one this thread may already have."""
+    try:
+        from celery.backends.redis import RedisBackend
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+    except ImportError:
+        return
+    if not getattr(RedisBackend._create_client, "__loadlab_traced__", False):
+        create_client = RedisBackend._create_client
+
+        def _create_client(self, *args, **kwargs):
+            client = create_client(self, *args, **kwargs)
+            RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+            return client
+
+        _create_client.__loadlab_traced__ = True
+        RedisBackend._create_client = _create_client
+    try:
+        backend = app.backend
+    except Exception:  # noqa: BLE001 - a backend that cannot be built now fails later, where it is used
+        return
+    client = backend.__dict__.get("client") if isinstance(backend, RedisBackend) else None
+    if client is not None and not getattr(client, "_is_instrumented_by_opentelemetry", False):  # built before the patch
+        RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+
+
+def instrument_api(api, settings) -> None:
+    """Server spans for the producer API's requests (health checks and scrapes left out)."""
+    if settings.tracing == "off":
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(api, tracer_provider=_state["provider"], excluded_urls="healthz,metrics",
+                                       exclude_spans=["receive", "send"])
+
+
+def flush(timeout_ms: int = FLUSH_TIMEOUT_MS) -> bool:
+    provider = _state["provider"]
+    return provider.force_flush(timeout_ms) if provider is not None else True
+
+
+# --- worker hooks ------------------------------------------------------------------------------------------------------
+def _worker_init(sender=None, **_):
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool
+
+    pool = getattr(sender, "pool_cls", None)
+    pool_cls = get_implementation(pool) if isinstance(pool, str) else pool
+    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)):
+        setup(_state["app"], _state["settings"], "loadlab-worker")  # tasks run in this process
+
+
+def _worker_process_init(**_):
+    setup(_state["app"], _state["settings"], "loadlab-worker")
+
+
+def _flush_on_exit(**_):
+    # the child leaves through os._exit right after this signal: export what the batch processor still holds
+    provider = _state["provider"]
+    if provider is not None:
+        provider.force_flush(FLUSH_TIMEOUT_MS)
+        provider.shutdown()
+        _state["provider"] = None
+
+
+# --- traces.jsonl --------------------------------------------------------------------------------------------------------
+class JsonLinesSpanExporter:
+    """Finished spans as OTLP JSON lines (each line a ``TracesData`` with one span), appended to one file that
+    several processes share: one ``write`` on an ``O_APPEND`` descriptor per batch, so lines never interleave."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._prefixes: dict[tuple[int, int], str] = {}
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._pid = os.getpid()
+        return self._fd
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            data = "".join(self._line(span) for span in spans).encode("utf-8")
+            fd = self._descriptor()
+            written = os.write(fd, data)
+            while written < len(data):  # only on a full disk or similar: finish the batch rather than lose it
+                written += os.write(fd, data[written:])
+        except Exception:  # noqa: BLE001 - a tracing failure must not break the task
+            log.exception("could not write spans to %s", self.path)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def _prefix(self, span) -> str:
+        key = (id(span.resource), id(span.instrumentation_scope))
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            scope = span.instrumentation_scope
+            scope_json = {"name": scope.name, "version": scope.version or ""} if scope else {}
+            prefix = self._prefixes[key] = (
+                '{"resourceSpans":[{"resource":' + json.dumps({"attributes": _attributes(span.resource.attributes)})
+                + ',"scopeSpans":[{"scope":' + json.dumps(scope_json) + ',"spans":[')
+        return prefix
+
+    def _line(self, span) -> str:
+        return self._prefix(span) + json.dumps(encode_span(span), separators=(",", ":")) + "]}]}]}\n"
+
+    def shutdown(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True  # every export is already written
+
+
+_KIND = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
+_STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
+
+
+def encode_span(span) -> dict:
+    """One span in OTLP JSON (hex ids, integer enums, nanosecond times as strings)."""
+    context = span.get_span_context()
+    out = {
+        "traceId": format(context.trace_id, "032x"),
+        "spanId": format(context.span_id, "016x"),
+        "name": span.name,
+        "kind": _KIND.get(span.kind.name, 0),
+        "startTimeUnixNano": str(span.start_time),
+        "endTimeUnixNano": str(span.end_time),
+        "attributes": _attributes(span.attributes),
+        "status": {"code": _STATUS.get(span.status.status_code.name, 0)},
+    }
+    if span.parent is not None:
+        out["parentSpanId"] = format(span.parent.span_id, "016x")
+    if span.status.description:
+        out["status"]["message"] = span.status.description
+    if span.events:
+        out["events"] = [{"name": e.name, "timeUnixNano": str(e.timestamp), "attributes": _attributes(e.attributes)}
+                         for e in span.events]
+    if span.links:
+        out["links"] = [{"traceId": format(link.context.trace_id, "032x"),
+                         "spanId": format(link.context.span_id, "016x"),
+                         "attributes": _attributes(link.attributes)} for link in span.links]
+    return out
+
+
+def _attributes(attributes) -> list[dict]:
+    return [{"key": key, "value": _any_value(value)} for key, value in (attributes or {}).items()]
+
+
+def _any_value(value) -> dict:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, (list, tuple)):
+        return {"arrayValue": {"values": [_any_value(v) for v in value]}}
+    return {"stringValue": str(value)}
