@@ -127,6 +127,7 @@ class Recorder:
         self.histograms = {phase: new_histogram() for phase in PHASES}
         self.per_task: dict[str, HdrHistogram] = {}
         self.backoff = new_histogram()
+        self.backoff_by_retry: dict[int, HdrHistogram] = {}  # retry number (1 = first retry) -> observed delay
         self.first_publish_to_success = new_histogram()
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0, "revoked": 0, "rejected": 0, "retried": 0,
                        "duplicates": 0, "reconciled": 0}
@@ -297,7 +298,12 @@ class Recorder:
             # observed backoff: an attempt failed -> the next attempt started (includes the countdown and queueing)
             for previous, following in zip(chain, chain[1:]):
                 if following["attempt"] == previous["attempt"] + 1 and previous["failed_at"] and following["started_at"]:
-                    record_seconds(self.backoff, max(0.0, following["started_at"] - previous["failed_at"]))
+                    delay = max(0.0, following["started_at"] - previous["failed_at"])
+                    record_seconds(self.backoff, delay)
+                    by_retry = self.backoff_by_retry.get(previous["attempt"])
+                    if by_retry is None:
+                        by_retry = self.backoff_by_retry[previous["attempt"]] = new_histogram()
+                    record_seconds(by_retry, delay)
             if len(self.retry_chains) < RETRY_CHAIN_LIMIT:
                 self.retry_chains.append({"id": task_id, "task": name, "final_state": state, "attempts": attempts,
                                           "first_sent_at": sent_at, "finished_at": finished_at, "chain": chain})
@@ -390,6 +396,10 @@ class Recorder:
                     "exhausted": self.exhausted,
                     "backoff_observed_s": {k: round(v / 1000, 3) for k, v in histogram_stats_ms(self.backoff).items()
                                            if k in ("p50", "p95", "max")},
+                    "backoff_by_retry_s": {
+                        str(k): {key: (round(v / 1000, 3) if key != "count" else v)
+                                 for key, v in histogram_stats_ms(h).items() if key in ("count", "p50", "p95", "max")}
+                        for k, h in sorted(self.backoff_by_retry.items())},
                     "first_publish_to_success_ms": histogram_stats_ms(self.first_publish_to_success),
                     "exceptions": dict(sorted(self.retry_exceptions.items())),
                     "chains": self.retry_chains[:50],
@@ -397,5 +407,7 @@ class Recorder:
                 "lost_ids": list(self.pending)[:lost_ids_limit],
                 "steady": self._steady(),
                 "timeseries": self.series.rows() if self.series else [],
+                "load_stopped_s": round(self.load_stopped_at - self.series.start, 3)
+                if self.series and self.load_stopped_at else None,
                 "histograms": {phase: self.histograms[phase].encode().decode() for phase in REPORT_PHASES},
             }

@@ -25,32 +25,83 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def timeseries_plot(rows: list[dict]) -> str | None:
-    if not rows:
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None) -> str | None:
+    if load_stopped_s is not None and len(rows) > 1 and rows[-1]["t_s"] > load_stopped_s:
+        rows = rows[:-1]  # the last interval is cut short by the end of the drain: its rates would read low
+    if not rows:
+        return None
+    plt = _pyplot()
     t = [r["t_s"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 6.6), sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 2, 3]})
     top.plot(t, [r["submitted_per_s"] for r in rows], label="submitted/s", color="#0969da")
     top.plot(t, [r["completed_per_s"] for r in rows], label="completed/s", color="#1a7f37")
     if any(r["failed_per_s"] for r in rows):
         top.plot(t, [r["failed_per_s"] for r in rows], label="failed/s", color="#cf222e")
     if any(r["retried_per_s"] for r in rows):
         top.plot(t, [r["retried_per_s"] for r in rows], label="retried/s", color="#9a6700", linestyle="--")
-    top.set_ylabel("tasks per second")
-    top.legend(loc="upper right", fontsize=8)
-    top.grid(alpha=0.3)
+    top.set_ylabel("tasks/s")
+    middle.fill_between(t, [r["in_system"] for r in rows], step="post", color="#8c959f", alpha=0.5,
+                        label="in system (queued + running)")
+    middle.set_ylabel("tasks")
     bottom.plot(t, [r["end_to_end_p50_ms"] for r in rows], label="end-to-end p50", color="#8250df")
     bottom.plot(t, [r["end_to_end_p95_ms"] for r in rows], label="end-to-end p95", color="#bf3989")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds since the first task was sent")
-    bottom.legend(loc="upper right", fontsize=8)
-    bottom.grid(alpha=0.3)
-    fig.suptitle("Throughput and latency over time", fontsize=11)
+    for axis in (top, middle, bottom):
+        if load_stopped_s is not None:
+            axis.axvline(load_stopped_s, color="#57606a", linestyle=":", linewidth=1)
+        axis.legend(loc="upper left", fontsize=8)
+        axis.grid(alpha=0.3)
+    if load_stopped_s is not None:
+        top.annotate(" load stopped, drain →", (load_stopped_s, top.get_ylim()[1] * 0.9), fontsize=8,
+                     color="#57606a")
+    fig.suptitle("Throughput, tasks in the system and latency over time", fontsize=11)
+    return _svg(fig)
+
+
+PERCENTILE_TICKS = (50, 90, 99, 99.9, 99.99)
+
+
+def percentile_plot(encoded: dict[str, str]) -> str | None:
+    """Latency by percentile for each phase, from the run's HDR histograms (log-scaled tail)."""
+    if not encoded:
+        return None
+    import math
+
+    from hdrh.histogram import HdrHistogram
+
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(9, 3.8))
+    xs = [0, 50, 75, 90, 95, 98, 99, 99.5, 99.9, 99.95, 99.99]
+    position = lambda p: -math.log10(1 - p / 100) if p < 100 else 5  # noqa: E731
+    plotted = False
+    for phase, data in encoded.items():
+        hist = HdrHistogram.decode(data)
+        if not hist.get_total_count():
+            continue
+        ys = [hist.get_value_at_percentile(p) / 1000 for p in xs]
+        axis.plot([position(p) for p in xs], ys, marker=".", label=PHASE_LABELS.get(phase, phase))
+        plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    axis.set_xticks([position(p) for p in PERCENTILE_TICKS], [f"p{p:g}" for p in PERCENTILE_TICKS])
+    axis.set_yscale("log")
+    axis.set_ylabel("latency (ms, log scale)")
+    axis.set_xlabel("percentile")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    fig.suptitle("Latency by percentile (HDR histograms)", fontsize=11)
     return _svg(fig)
 
 
@@ -58,11 +109,7 @@ def scaling_plot(scaling: dict) -> str | None:
     points = scaling.get("points") or []
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = [p["n"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(n, [p["completed_per_s"] for p in points], "o", color="#0969da", label="measured (steady window)")
@@ -134,8 +181,14 @@ def render_html(report: dict) -> str:
     retry_rows += [[f"finished after {k} attempt(s)", n] for k, n in retries["attempts"].items()]
     retry_rows += [[f"observed backoff {k}", f"{val:.3f} s"] for k, val in retries["backoff_observed_s"].items()]
     policy = ", ".join(f"{k}={v}" for k, v in retries.get("policy", {}).items())
+    backoff_rows = _backoff_rows(retries)
+    chain_rows = [[c["id"][:8], c["task"], c["attempts"], c["final_state"],
+                   " → ".join(f"#{a['attempt']} {a.get('exception') or a.get('state')}" for a in c["chain"]),
+                   round((c["finished_at"] - c["first_sent_at"]) * 1000, 1) if c.get("first_sent_at") else None]
+                  for c in retries.get("chains", [])[:12]]
     settings_rows = [[k, v] for k, v in report["settings"].items()]
-    plot = timeseries_plot(report.get("timeseries", []))
+    plot = timeseries_plot(report.get("timeseries", []), report.get("timeseries_load_stopped_s"))
+    percentiles = percentile_plot(report.get("histograms_hdr", {}))
     locust = report["locust"]
     lost_ids = report.get("drain", {}).get("lost_ids", [])
     artefacts = report.get("artefacts", {})
@@ -149,7 +202,7 @@ def render_html(report: dict) -> str:
         "<p class='note'>submitted = succeeded + failed + revoked + lost; a task that retried and then succeeded "
         "counts once, as succeeded. pending at end = not finished when the load stopped (before the drain).</p></section>",
         "<section><h2>Phase latencies (ms, HDR histograms)</h2>" +
-        _table(["phase", "count", "mean", "p50", "p90", "p95", "p99", "max"], phases) +
+        _table(["phase", "count", "mean", "p50", "p90", "p95", "p99", "max"], phases) + (percentiles or "") +
         "<p class='note'>publish: apply_async until the broker accepted the message · queue wait: sent (or retry "
         "ETA) → started · execution: started → body returned · result store: body returned → result stored · "
         "end to end: first sent → final result stored.</p></section>",
@@ -164,8 +217,19 @@ def render_html(report: dict) -> str:
     if by_task:
         sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
                         _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
-    sections.append("<section><h2>Retries</h2>" + _table(["", "value"], retry_rows) +
-                    f"<p class='note'>policy: {html.escape(policy)}</p></section>")
+    retry_html = "<section><h2>Retries</h2>" + _table(["", "value"], retry_rows)
+    if backoff_rows:
+        retry_html += ("<h3>Observed backoff against the policy</h3>" +
+                       _table(["retry", "count", "observed p50 s", "observed p95 s", "observed max s",
+                               "policy allows s"], backoff_rows) +
+                       "<p class='note'>observed = the failed attempt's exception → the next attempt started (countdown "
+                       "plus queueing). Celery's full jitter draws a countdown uniformly in [0, min(max, factor·2^retry)] "
+                       "whole seconds.</p>")
+    if chain_rows:
+        retry_html += ("<h3>Retry chains (first tasks that retried)</h3>" +
+                       _table(["task id", "task", "attempts", "final", "chain", "first publish → final ms"],
+                              chain_rows, numeric_from=2))
+    sections.append(retry_html + f"<p class='note'>policy: {html.escape(policy)}</p></section>")
     scaling = report.get("scaling")
     if scaling:
         rows = [[p["workers"], p["concurrency"], p["pool"], p["prefetch_multiplier"], p["n"], p["completed_per_s"],
@@ -212,7 +276,7 @@ def render_html(report: dict) -> str:
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1000px;color:#1f2328}
 header{padding:8px 16px;background:#f6f8fa;border-radius:6px} h1{font-size:22px;margin:8px 0}
 .headline{font-size:16px;font-weight:600} .meta,.note{color:#57606a;font-size:13px}
-h2{font-size:17px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px}
+h2{font-size:17px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px} h3{font-size:14px;margin-top:18px}
 table{border-collapse:collapse;font-size:14px} th,td{padding:4px 12px;border-bottom:1px solid #eaeef2;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums} svg{max-width:100%;height:auto}
 pre{background:#f6f8fa;padding:8px;font-size:12px}
@@ -220,6 +284,19 @@ pre{background:#f6f8fa;padding:8px;font-size:12px}
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>loadlab report · {html.escape(report['scenario'])}</title><style>{style}</style></head><body>"
             + "".join(sections) + "</body></html>")
+
+
+def _backoff_rows(retries: dict) -> list[list]:
+    policy = retries.get("policy", {})
+    factor, ceiling = policy.get("backoff_factor_s"), policy.get("backoff_max_s")
+    rows = []
+    for retry, observed in retries.get("backoff_by_retry_s", {}).items():
+        allowed = None
+        if factor is not None and ceiling is not None:
+            allowed = f"0 – {min(ceiling, factor * 2 ** (int(retry) - 1))}" if policy.get("jitter") else \
+                f"{min(ceiling, factor * 2 ** (int(retry) - 1))}"
+        rows.append([retry, observed["count"], observed["p50"], observed["p95"], observed["max"], allowed])
+    return rows
 
 
 def render_markdown(report: dict) -> str:

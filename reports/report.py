@@ -43,6 +43,7 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "drain": {"completed": drained, "lost_ids": recorded["lost_ids"]},
         "steady": recorded.get("steady"),
         "timeseries": recorded["timeseries"],
+        "timeseries_load_stopped_s": recorded.get("load_stopped_s"),
         "histograms_hdr": recorded["histograms"],
         "verdict": verdict(tasks, drained),
     }
