@@ -56,7 +56,11 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                 detail=f"{c['submitted']} sent, {c['succeeded'] + c['failed']} done, "
                                        f"{recorder.outstanding} in flight")
 
-            load.run(tick)
+            try:
+                load.run(tick)
+            except RuntimeError as exc:  # Locust workers that did not start
+                console.print(f"[bold red]error:[/] {exc}")
+                return EXIT_FAILED
             progress.update(bar, completed=1.0)
             recorder.mark_load_stopped()
             drain = progress.add_task(f"drain (≤ {settings.drain_timeout_s:g}s)", total=None, detail="")

@@ -17,7 +17,21 @@ settings = Settings.from_env()
 scenario = get_scenario(settings.scenario)
 for _user_class in build_user_classes(settings, scenario):
     globals()[_user_class.__name__] = _user_class  # Locust discovers module-level User classes
+del _user_class  # else Locust finds the last class twice
 _recorder = None
+_monitor = None
+
+
+@events.init.add_listener
+def _celery_tab(environment, web_ui=None, **_):
+    """With the web UI and a broker to watch, the same Celery tab as ``loadlab ui`` (task numbers need the ledger)."""
+    global _monitor
+    if web_ui is None or not settings.broker:
+        return
+    from loadtests.webui import CeleryMonitor, install_celery_tab
+
+    _monitor = CeleryMonitor(settings).start()
+    install_celery_tab(environment, lambda: _recorder, _monitor)
 
 
 @events.test_start.add_listener
@@ -32,5 +46,7 @@ def _follow_ledger(environment, **_):
 
 @events.quitting.add_listener
 def _stop_following(environment, **_):
+    if _monitor is not None:
+        _monitor.stop()
     if _recorder is not None:
         _recorder.close()

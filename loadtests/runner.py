@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,11 @@ from locust.stats import StatsCSVFileWriter, stats_history
 from loadtests.scenarios import Scenario
 from loadtests.shapes import shape_for
 from loadtests.users import build_user_classes
+from stack.embedded import free_port
+from stack.processes import Child
 from stack.settings import Settings
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 CSV_PERCENTILES = [0.5, 0.9, 0.95, 0.99, 1.0]
 # users finish the task they are in when the load stops, so no publish is cut between broker and ledger
@@ -47,6 +52,8 @@ class LocustRun:
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None
         self.stopped_at: float | None = None
+        self.worker_children: list[Child] = []
+        self._last_reports: dict[str, float] = {}  # Locust worker id -> when its last stats report arrived
 
     @property
     def users(self) -> int:
@@ -56,11 +63,44 @@ class LocustRun:
     def duration_s(self) -> float:
         return self.settings.duration or self.scenario.duration_s
 
+    def _start_runner(self):
+        """A local runner, or a master with ``locust_workers`` worker processes running the same locustfile."""
+        env = self.environment
+        count = self.settings.locust_workers
+        if not count:
+            return env.create_local_runner()
+        port = free_port()
+        runner = env.create_master_runner("127.0.0.1", port)
+        env.events.worker_report.add_listener(
+            lambda client_id, data, **_: self._last_reports.__setitem__(client_id, time.monotonic()))
+        log_dir = self.out_dir.parent / "logs"
+        self.worker_children = [
+            Child(f"locust-worker{i}", [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
+                                        "--master-host", "127.0.0.1", "--master-port", str(port),
+                                        "--stop-timeout", str(int(STOP_TIMEOUT_S)), "--loglevel", "WARNING"],
+                  log_dir / f"locust-worker{i}.log", env=self.settings.child_env()).start()
+            for i in range(1, count + 1)]
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while len(runner.clients.ready) < count:
+            for child in self.worker_children:
+                if not child.running():
+                    raise RuntimeError(f"{child.name} exited before it connected; last lines of {child.log_path}:\n"
+                                       f"{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(runner.clients.ready)} of {count} Locust workers connected within "
+                                   f"{self.settings.startup_timeout_s:g}s")
+            gevent.sleep(0.1)
+        return runner
+
     def run(self, tick: Callable[[float, dict], None] | None = None) -> None:
         """Blocks (cooperatively) for the load duration."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         env = self.environment
-        runner = env.create_local_runner()
+        try:
+            runner = self._start_runner()
+        except BaseException:
+            self._stop_workers()
+            raise
         writer = StatsCSVFileWriter(env, CSV_PERCENTILES, str(self.out_dir / "locust"), full_history=True)
         greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
         self.started_at = time.time()
@@ -76,11 +116,32 @@ class LocustRun:
                     tick(1 - (end - time.monotonic()) / self.duration_s, self.stats())
         finally:
             runner.stop()
+            if self.worker_children:
+                self._collect_final_worker_stats()
+            else:  # stop() lets users finish their task in the background: their last requests count too
+                runner.user_greenlets.join(timeout=STOP_TIMEOUT_S + 1)
             self.stopped_at = time.time()
             runner.quit()
+            self._stop_workers()
             gevent.killall(greenlets)
             writer.close_files()
             self._write_final_csv(writer)
+
+    def _collect_final_worker_stats(self) -> None:
+        """A Locust worker sends no stats when told to stop, only on its next periodic report (every
+        WORKER_REPORT_INTERVAL s): wait for one report from each worker after its users stopped."""
+        from locust.runners import WORKER_REPORT_INTERVAL
+
+        stopped_at = time.monotonic()
+        deadline = stopped_at + WORKER_REPORT_INTERVAL + 2
+        while time.monotonic() < deadline:
+            if len([t for t in self._last_reports.values() if t > stopped_at]) >= len(self.worker_children):
+                return
+            gevent.sleep(0.1)
+
+    def _stop_workers(self) -> None:
+        for child in self.worker_children:
+            child.stop(timeout=5)
 
     def _write_final_csv(self, writer: StatsCSVFileWriter) -> None:
         # the periodic writer may have last run up to a second before the stop: rewrite the totals once more

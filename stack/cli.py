@@ -26,8 +26,8 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "warmup_s", "drain_timeout_s"}
-RUN_FIELDS = ("duration", "users", "spawn_rate", "warmup_s", "drain_timeout_s")
+                   "locust_workers", "warmup_s", "drain_timeout_s"}
+RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -469,6 +469,27 @@ def bench_recorder_command(sizes):
         console.print(f"RSS ratio {results[-1]['tasks']:,} : {results[0]['tasks']:,} = "
                       f"{results[-1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.3f} (target <= 1.1); "
                       f"build time of the largest {results[-1]['build_s']:.2f}s (target <= 10 s)")
+
+
+@bench.command("overhead")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds of the 4 configurations")
+@click.option("--tasks", default=2000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each run's burst (throughput)")
+@click.option("--paced-tasks", default=200, show_default=True, type=click.IntRange(min=20), help="Tasks of each run's paced phase (p50)")
+@click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
+@click.option("--out", default=None, help="Directory for bench.json and each run's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
+def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out):
+    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, interleaved: throughput, p50 and
+    CPU per task, each as a ratio to bare with its spread."""
+    import subprocess
+
+    run_dir = _run_dir(out, "bench-overhead")
+    # a clean interpreter: this process is gevent-patched for Locust, which would distort what is measured
+    code = subprocess.call([sys.executable, "-m", "exporters.bench_overhead", "bench", "--rounds", str(rounds),
+                            "--tasks", str(tasks), "--paced-tasks", str(paced_tasks), "--paced-rate", str(paced_rate),
+                            "--workers", str(workers), "--concurrency", str(concurrency), "--out", str(run_dir)])
+    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
 
 
 @bench.command("exporter")

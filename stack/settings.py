@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     duration: float | None = Field(None, description="Load duration (30s, 2m); unset = the scenario's own")
     users: int | None = Field(None, ge=1, le=100_000, description="Peak Locust users; unset = the scenario's own")
     spawn_rate: float | None = Field(None, gt=0, description="Users started per second; unset = the scenario's own")
+    locust_workers: int = Field(0, ge=0, le=64, description="Locust worker processes (0 = Locust runs in loadlab's own process)")
     warmup_s: float = Field(0.0, ge=0, description="Seconds at the start of the load left out of the steady window")
     drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
     # --- internal wiring (set by the supervisor, not by users) ---------------------------------------------------
