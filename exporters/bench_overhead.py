@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,12 +40,13 @@ NOOP = "loadlab.noop"
 
 
 # --- producer (a child process per run) ------------------------------------------------------------------------------
-def produce(burst: int, paced: int, rate: float, warmup: int) -> dict:
+def produce(burst: int, paced: int, rate: float, warmup: int, watch_pids: list[int]) -> dict:
     from stack.app import make_app
     from stack.settings import Settings
 
     settings = Settings.from_env()
     app = make_app(settings)
+    watch_pids = [*watch_pids, os.getpid()]
     _wait_stored(app, [_send(app)[0] for _ in range(warmup)])
 
     sent_at, ids = [], []
@@ -59,12 +61,39 @@ def produce(burst: int, paced: int, rate: float, warmup: int) -> dict:
     done = _wait_stored(app, ids)
     latencies = sorted(done[i] - at for i, at in zip(ids, sent_at))
 
+    cpu_before = tree_cpu_seconds(watch_pids)
     first = time.time()
     burst_ids = [_send(app)[0] for _ in range(burst)]
     done = _wait_stored(app, burst_ids)
     throughput = burst / (max(done.values()) - first)
+    cpu_s = tree_cpu_seconds(watch_pids) - cpu_before
     return {"throughput_per_s": throughput, "p50_ms": statistics.median(latencies) * 1000,
-            "p95_ms": latencies[int(len(latencies) * 0.95)] * 1000}
+            "p95_ms": latencies[int(len(latencies) * 0.95)] * 1000, "cpu_ms_per_task": cpu_s * 1000 / burst}
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of the given processes and all their descendants, from /proc. Less disturbed than
+    wall-clock rates when other work shares the machine."""
+    stats, children = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = int(fields[11]) + int(fields[12])
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    ticks, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        ticks += stats.get(pid, 0)
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _send(app) -> tuple[str, float]:
@@ -100,8 +129,11 @@ def run_once(base, name: str, metrics: str, tracing: str, run_dir: Path, args) -
     settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
                                        "run_id": run_dir.name.replace(".", "-")})
     with Stack(settings, run_dir, api=False, log=lambda *_: None) as stack:
+        # the whole stack's CPU: every child process of the supervisor (workers and their pools, Redis, exporter)
+        pids = [child.pid for child in stack.children() if child.pid]
         command = [sys.executable, "-m", "exporters.bench_overhead", "produce", "--burst", str(args.tasks),
-                   "--paced", str(args.paced_tasks), "--rate", str(args.paced_rate), "--warmup", str(args.warmup)]
+                   "--paced", str(args.paced_tasks), "--rate", str(args.paced_rate), "--warmup", str(args.warmup),
+                   "--watch-pids", ",".join(map(str, pids))]
         done = subprocess.run(command, env=stack.settings.child_env(), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the producer of {name} failed:\n{done.stderr[-3000:]}")
@@ -114,7 +146,7 @@ def bench(args) -> dict:
 
     from stack.settings import Settings
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=150)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Settings.build(workers=args.workers, concurrency=args.concurrency)
@@ -127,7 +159,7 @@ def bench(args) -> dict:
                 result = run_once(base, name, metrics, tracing, run_dir, args)
             results[name].append(result)
             console.print(f"round {round_index + 1} {name:>16}: {result['throughput_per_s']:7.1f} tasks/s, "
-                          f"p50 {result['p50_ms']:6.2f} ms")
+                          f"p50 {result['p50_ms']:6.2f} ms, CPU {result['cpu_ms_per_task']:.2f} ms/task")
 
     summary = {}
     bare = results["bare"]
@@ -135,6 +167,7 @@ def bench(args) -> dict:
         runs = results[name]
         throughput_ratios = [r["throughput_per_s"] / b["throughput_per_s"] for r, b in zip(runs, bare)]
         p50_ratios = [r["p50_ms"] / b["p50_ms"] for r, b in zip(runs, bare)]
+        cpu_ratios = [r["cpu_ms_per_task"] / b["cpu_ms_per_task"] for r, b in zip(runs, bare)]
         summary[name] = {
             "throughput_per_s": statistics.mean(r["throughput_per_s"] for r in runs),
             "p50_ms": statistics.mean(r["p50_ms"] for r in runs),
@@ -142,22 +175,31 @@ def bench(args) -> dict:
             "throughput_ratio_min": min(throughput_ratios), "throughput_ratio_max": max(throughput_ratios),
             "p50_ratio": statistics.mean(p50_ratios),
             "p50_ratio_min": min(p50_ratios), "p50_ratio_max": max(p50_ratios),
+            "cpu_ms_per_task": statistics.mean(r["cpu_ms_per_task"] for r in runs),
+            "cpu_ratio": statistics.mean(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ratio_max": max(cpu_ratios),
             "target_throughput_ratio": TARGETS.get(name),
         }
 
     table = Table(title=f"loadlab bench overhead: {args.rounds} interleaved rounds, {args.tasks} no-op tasks burst, "
                         f"{args.paced_tasks} paced at {args.paced_rate:g}/s, {args.workers} worker x "
                         f"{args.concurrency} prefork", box=None, header_style="bold")
-    for column in ("configuration", "tasks/s", "x bare (min-max)", "target", "p50 ms", "p50 x bare (min-max)"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for column in ("configuration", "tasks/s", "x bare (min-max)", "target", "p50 ms", "p50 x bare (min-max)",
+                   "CPU ms/task", "CPU x bare (min-max)"):
+        table.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
     for name, row in summary.items():
         target = row["target_throughput_ratio"]
         verdict = "" if target is None else (f">= {target:.2f} " + ("ok" if row["throughput_ratio"] >= target else "MISSED"))
         table.add_row(name, f"{row['throughput_per_s']:.1f}",
                       f"{row['throughput_ratio']:.3f} ({row['throughput_ratio_min']:.3f}-{row['throughput_ratio_max']:.3f})",
                       verdict, f"{row['p50_ms']:.2f}",
-                      f"{row['p50_ratio']:.3f} ({row['p50_ratio_min']:.3f}-{row['p50_ratio_max']:.3f})")
+                      f"{row['p50_ratio']:.3f} ({row['p50_ratio_min']:.3f}-{row['p50_ratio_max']:.3f})",
+                      f"{row['cpu_ms_per_task']:.2f}",
+                      f"{row['cpu_ratio']:.3f} ({row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f})")
     console.print(table)
+    console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
+                  "rate; CPU: every stack process and the producer, per task of the burst (steadier than rates when "
+                  "other work shares the machine). Ratios per round against that round's bare run.")
     console.print(f"took {time.monotonic() - started:.0f}s; runs and logs under {out}")
     record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
               "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
@@ -174,18 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paced", type=int, required=True)
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--watch-pids", default="")
     b = sub.add_parser("bench")
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--tasks", type=int, default=3000)
-    b.add_argument("--paced-tasks", type=int, default=300)
-    b.add_argument("--paced-rate", type=float, default=100.0)
+    b.add_argument("--tasks", type=int, default=2000)
+    b.add_argument("--paced-tasks", type=int, default=200)
+    b.add_argument("--paced-rate", type=float, default=40.0)
     b.add_argument("--warmup", type=int, default=200)
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--concurrency", type=int, default=2)
     b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "produce":
-        print(json.dumps(produce(args.burst, args.paced, args.rate, args.warmup)), flush=True)
+        pids = [int(p) for p in args.watch_pids.split(",") if p]
+        print(json.dumps(produce(args.burst, args.paced, args.rate, args.warmup, pids)), flush=True)
         return 0
     bench(args)
     return 0

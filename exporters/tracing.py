@@ -223,12 +223,12 @@ class JsonLinesSpanExporter:
             scope = span.instrumentation_scope
             scope_json = {"name": scope.name, "version": scope.version or ""} if scope else {}
             prefix = self._prefixes[key] = (
-                '{"resourceSpans":[{"resource":' + json.dumps({"attributes": _attributes(span.resource.attributes)})
-                + ',"scopeSpans":[{"scope":' + json.dumps(scope_json) + ',"spans":[')
+                '{"resourceSpans":[{"resource":{"attributes":' + _attributes_json(span.resource.attributes)
+                + '},"scopeSpans":[{"scope":' + json.dumps(scope_json, separators=(",", ":")) + ',"spans":[')
         return prefix
 
     def _line(self, span) -> str:
-        return self._prefix(span) + json.dumps(encode_span(span), separators=(",", ":")) + "]}]}]}\n"
+        return self._prefix(span) + encode_span_json(span) + "]}]}]}\n"
 
     def shutdown(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
@@ -241,46 +241,54 @@ class JsonLinesSpanExporter:
 
 _KIND = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
 _STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
+_quote = json.encoder.encode_basestring_ascii  # the C string encoder: most of a span is short strings
 
 
-def encode_span(span) -> dict:
-    """One span in OTLP JSON (hex ids, integer enums, nanosecond times as strings)."""
+def encode_span_json(span) -> str:
+    """One span in OTLP JSON (hex ids, integer enums, nanosecond times as strings), built as text: this runs for
+    every span of every traced task, and json.dumps of nested dicts costs several times more."""
     context = span.get_span_context()
-    out = {
-        "traceId": format(context.trace_id, "032x"),
-        "spanId": format(context.span_id, "016x"),
-        "name": span.name,
-        "kind": _KIND.get(span.kind.name, 0),
-        "startTimeUnixNano": str(span.start_time),
-        "endTimeUnixNano": str(span.end_time),
-        "attributes": _attributes(span.attributes),
-        "status": {"code": _STATUS.get(span.status.status_code.name, 0)},
-    }
+    status = span.status
+    parts = ['{"traceId":"', format(context.trace_id, "032x"), '","spanId":"', format(context.span_id, "016x"), '"']
     if span.parent is not None:
-        out["parentSpanId"] = format(span.parent.span_id, "016x")
-    if span.status.description:
-        out["status"]["message"] = span.status.description
+        parts += [',"parentSpanId":"', format(span.parent.span_id, "016x"), '"']
+    parts += [',"name":', _quote(span.name), ',"kind":', str(_KIND.get(span.kind.name, 0)),
+              ',"startTimeUnixNano":"', str(span.start_time), '","endTimeUnixNano":"', str(span.end_time),
+              '","attributes":', _attributes_json(span.attributes),
+              ',"status":{"code":', str(_STATUS.get(status.status_code.name, 0))]
+    if status.description:
+        parts += [',"message":', _quote(status.description)]
+    parts.append("}")
     if span.events:
-        out["events"] = [{"name": e.name, "timeUnixNano": str(e.timestamp), "attributes": _attributes(e.attributes)}
-                         for e in span.events]
+        parts += [',"events":[', ",".join(
+            '{"name":' + _quote(e.name) + ',"timeUnixNano":"' + str(e.timestamp) + '","attributes":'
+            + _attributes_json(e.attributes) + "}" for e in span.events), "]"]
     if span.links:
-        out["links"] = [{"traceId": format(link.context.trace_id, "032x"),
-                         "spanId": format(link.context.span_id, "016x"),
-                         "attributes": _attributes(link.attributes)} for link in span.links]
-    return out
+        parts += [',"links":[', ",".join(
+            '{"traceId":"' + format(link.context.trace_id, "032x") + '","spanId":"'
+            + format(link.context.span_id, "016x") + '","attributes":' + _attributes_json(link.attributes) + "}"
+            for link in span.links), "]"]
+    parts.append("}")
+    return "".join(parts)
 
 
-def _attributes(attributes) -> list[dict]:
-    return [{"key": key, "value": _any_value(value)} for key, value in (attributes or {}).items()]
+def _attributes_json(attributes) -> str:
+    if not attributes:
+        return "[]"
+    return "[" + ",".join('{"key":' + _quote(key) + ',"value":' + _any_value_json(value) + "}"
+                          for key, value in attributes.items()) + "]"
 
 
-def _any_value(value) -> dict:
+def _any_value_json(value) -> str:
+    if isinstance(value, str):
+        return '{"stringValue":' + _quote(value) + "}"
     if isinstance(value, bool):
-        return {"boolValue": value}
+        return '{"boolValue":' + ("true" if value else "false") + "}"
     if isinstance(value, int):
-        return {"intValue": str(value)}
+        return '{"intValue":"' + str(value) + '"}'
     if isinstance(value, float):
-        return {"doubleValue": value}
+        return '{"doubleValue":' + (json.dumps(value) if value == value and abs(value) != float("inf")
+                                     else '"' + str(value) + '"') + "}"
     if isinstance(value, (list, tuple)):
-        return {"arrayValue": {"values": [_any_value(v) for v in value]}}
-    return {"stringValue": str(value)}
+        return '{"arrayValue":{"values":[' + ",".join(_any_value_json(v) for v in value) + "]}}"
+    return '{"stringValue":' + _quote(str(value)) + "}"

@@ -1,6 +1,7 @@
 """A headless run: stack up -> Locust -> load stops -> drain -> run directory written -> stack down."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +23,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: Scenario | None = None) -> int:
     scenario = scenario or get_scenario(settings.scenario)
+    if scenario.chaos and not settings.chaos:
+        settings = settings.model_copy(update={"chaos": scenario.chaos})
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     try:
@@ -45,6 +48,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                         on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
                         warmup_s=settings.warmup_s).start()
     loadgen_metrics.serve(settings, recorder)
+    chaos = None
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False) as progress:
@@ -56,6 +60,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                 detail=f"{c['submitted']} sent, {c['succeeded'] + c['failed']} done, "
                                        f"{recorder.outstanding} in flight")
 
+            chaos = _start_chaos(stack, console)
             try:
                 load.run(tick)
             except RuntimeError as exc:  # Locust workers that did not start
@@ -69,8 +74,14 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
         if not drained:
             recorder.reconcile(stack.app)
     finally:
+        if chaos is not None:
+            chaos.join()
         recorder.close()
     recorded = recorder.summary()
+    chaos_section = None
+    if chaos is not None:
+        chaos_section = _chaos_report(chaos.faults, recorder, settings)
+        chaos_section["worker_restarts"] = chaos.restarts
     artefacts = {"settings": "settings.json", "locust CSV": "locust/", "process logs": "logs/"}
     # the final scrape, while every process still runs (before the stack stops)
     artefacts.update({f"metrics of {name}": path for name, path in scrape_all(stack, run_dir / "metrics").items()})
@@ -79,11 +90,78 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     report = build_report(scenario=scenario.name, settings_masked=settings.masked(), started_at=load.started_at,
                           load_stopped_at=load.stopped_at, recorded=recorded, locust=load.stats(),
                           retry_policy=retry_policy(settings), drained=drained,
-                          extra={"artefacts": artefacts})
+                          extra={"artefacts": artefacts, **({"chaos": chaos_section} if chaos_section else {})})
     write_json(run_dir / "report.json", report)
     write_rendered(run_dir, report)
     _print_summary(report, run_dir, console)
     return EXIT_OK
+
+
+class _ChaosRun:
+    def __init__(self, faults, greenlets):
+        self.faults, self.greenlets = faults, greenlets
+        self.restarts: list[dict] = []
+
+    def join(self) -> None:
+        import gevent
+
+        gevent.killall(self.greenlets)  # faults not yet due when the load ended are not applied
+
+
+def _start_chaos(stack: Stack, console: Console) -> _ChaosRun | None:
+    if not stack.settings.chaos:
+        return None
+    import gevent
+
+    from stack import chaos
+
+    faults = chaos.parse_plan(stack.settings.chaos)
+    started = time.monotonic()
+
+    run = _ChaosRun(faults, [])
+
+    def keep_workers_up() -> None:
+        # a fault can take a worker down with it (e.g. a broker restart it cannot recover from): start it again
+        for worker in list(stack.workers):
+            if not worker.running():
+                code = worker.popen.returncode
+                stack.restart(worker, kill=False)
+                run.restarts.append({"worker": worker.name, "exit_code": code,
+                                     "at_s": round(time.monotonic() - started, 3)})
+                console.print(f"[yellow]chaos: {worker.name} exited (code {code}); started it again[/]")
+
+    def run_plan():
+        # one greenlet: the watchdog never races a fault that is restarting a worker itself
+        for fault in faults:
+            while time.monotonic() < started + fault.at_s:
+                keep_workers_up()
+                gevent.sleep(min(0.5, max(0.0, started + fault.at_s - time.monotonic())))
+            try:
+                chaos.apply(fault, stack, log=console.print)
+            except Exception as exc:  # noqa: BLE001 - report it and go on with the run
+                fault.detail = f"failed: {exc}"
+                console.print(f"[red]chaos: {fault.kind} failed:[/] {exc}")
+        while True:
+            keep_workers_up()
+            gevent.sleep(0.5)
+
+    run.greenlets.append(gevent.spawn(run_plan))
+    return run
+
+
+def _chaos_report(faults, recorder: Recorder, settings: Settings) -> dict:
+    from stack import chaos
+
+    lost = {task_id: sent_at for task_id, (_name, sent_at) in recorder.pending.items()}
+    unattributed = chaos.attribute_losses(faults, lost)
+    rows = []
+    for fault in faults:
+        promise = chaos.expectation(fault.kind, settings)
+        rows.append({"fault": fault.kind, "at_s": fault.at_s, "applied": fault.applied_at is not None,
+                     "detail": fault.detail, "recovered_s": fault.recovered_s, "expected_max_lost": promise["max_lost"],
+                     "expectation": promise["text"], "lost": len(fault.lost_ids), "lost_ids": fault.lost_ids[:20],
+                     "as_expected": promise["max_lost"] is None or len(fault.lost_ids) <= promise["max_lost"]})
+    return {"faults": rows, "lost_after_every_fault": len(unattributed), "duplicates": recorder.counts["duplicates"]}
 
 
 def _print_summary(report: dict, run_dir: Path, console: Console) -> None:

@@ -27,6 +27,7 @@ class Scenario:
     shape: str | None = None      # loadtests.shapes.SHAPES key: users change over the run
     open_arrivals: bool = False   # constant arrival rate, latency measured from each intended send time
     payload_stages: tuple[int, ...] = ()  # payload sizes stepped through over the run (payload-sweep)
+    chaos: str | None = None      # default --chaos plan of the scenario
 
 
 SMOKE_MIX = (
@@ -55,6 +56,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              users=4, spawn_rate=4, duration_s=40, rate_per_user=5,
              mix=(TaskChoice("payload", 1, {"size_bytes": 1024, "shape": "nested_dicts"}),),
              payload_stages=(1024, 10_240, 102_400, 512_000)),
+    Scenario("chaos", "The smoke mix under faults (see --chaos): a pool process and a worker killed, the broker and "
+             "the API restarted; the report accounts for every task.",
+             users=8, spawn_rate=8, duration_s=40, rate_per_user=5, mix=SMOKE_MIX,
+             chaos="kill-worker-child@6s,kill-worker@12s,restart-api@20s,kill-exporter@24s,restart-broker@30s"),
     Scenario("retry-storm", "Flaky tasks failing 60 % of attempts: exercises autoretry, backoff and exhaustion.",
              users=5, spawn_rate=5, duration_s=30, rate_per_user=4,
              mix=(TaskChoice("flaky", 1, {"p": 0.6}),)),

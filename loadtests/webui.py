@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import socket
 import sys
 import time
@@ -47,7 +48,7 @@ QUEUE_INTERVAL_S = 1.0
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 1.0
 TABLE_STRUCTURE = [
-    {"key": "name", "title": "Celery"},
+    {"key": "metric", "title": "Celery"},
     {"key": "value", "title": "Value"},
     {"key": "p50", "title": "p50 (ms)"},
     {"key": "p95", "title": "p95 (ms)"},
@@ -212,19 +213,20 @@ def celery_stats(recorder, monitor: CeleryMonitor | None, since: float) -> dict:
 def table_rows(stats: dict) -> list[dict]:
     rows: list[dict] = []
 
-    def row(name, value="", p50="", p95="", p99="", maximum=""):
-        rows.append({"name": name, "value": value, "p50": p50, "p95": p95, "p99": p99, "max": maximum})
+    # no "name" key: the UI sorts rows by "name" unless a column header is clicked, and this order is meant
+    def row(metric, value="", p50="", p95="", p99="", maximum=""):
+        rows.append({"metric": metric, "value": value, "p50": p50, "p95": p95, "p99": p99, "max": maximum})
 
-    queue = stats.get("queue")
-    if queue is not None:
-        row(f"Queue depth ({queue['name']})", _or_error(queue["depth"], queue["error"]))
-        if queue.get("unacked") is not None:
-            row("Unacked (delivered, not acknowledged)", queue["unacked"])
     workers = stats.get("workers")
     if workers is not None:
         up = workers["up"]
         value = up if workers["expected"] is None or up is None else f"{up} / {workers['expected']}"
         row("Workers up", _or_error(value, workers["error"]))
+    queue = stats.get("queue")
+    if queue is not None:
+        row(f"Queue depth ({queue['name']})", _or_error(queue["depth"], queue["error"]))
+        if queue.get("unacked") is not None:
+            row("Unacked (delivered, not acknowledged)", queue["unacked"])
     tasks = stats.get("tasks")
     if tasks is not None:
         for key in ("submitted", "succeeded", "failed", "in_flight", "revoked", "rejected"):
@@ -234,11 +236,14 @@ def table_rows(stats: dict) -> list[dict]:
         row("Tasks that retried", r["tasks_retried"])
         row("Retries exhausted", r["exhausted"])
         for phase, lat in stats["latency_ms"].items():
+            label = f"Latency {PHASE_LABELS.get(phase, phase)} (samples)"
             if lat["count"]:
-                row(f"Latency {PHASE_LABELS.get(phase, phase)} (n)", lat["count"], lat["p50"], lat["p95"],
-                    lat["p99"], lat["max"])
+                row(label, lat["count"], *(round(lat[k], 1) for k in ("p50", "p95", "p99", "max")))
             else:
-                row(f"Latency {PHASE_LABELS.get(phase, phase)} (n)", 0)
+                row(label, 0)
+    if stats.get("since"):
+        # Locust's own tables restart with every test; the recorder counts everything since the UI started
+        row("Counted since (UTC)", time.strftime("%H:%M:%S", time.gmtime(stats["since"])))
     return rows
 
 
@@ -300,6 +305,13 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _interrupt_main_greenlet_on_sigint() -> None:
+    """Python raises KeyboardInterrupt in whichever greenlet runs when SIGINT lands (often the recorder's or a
+    Locust user's, which then just dies); deliver it to the main greenlet instead, which stops everything."""
+    main_greenlet = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGINT, lambda: main_greenlet.throw(KeyboardInterrupt()))
+
+
 def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     """Stack up, web UI on 127.0.0.1:web_port with the Celery tab; blocks until Ctrl-C/SIGTERM, then stops the load,
     closes the recorder and stops every process of the stack."""
@@ -312,6 +324,7 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     # Locust's web UI parses sys.argv with its own parser on every page load (the "custom parameters" of its
     # form): loadlab's flags would make that parser exit, so the process shows it no arguments.
     sys.argv[1:] = []
+    _interrupt_main_greenlet_on_sigint()
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     try:
         with console.status("starting the stack (broker, workers, producer API)…"):

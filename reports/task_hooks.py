@@ -69,10 +69,19 @@ def _retry(request=None, reason=None, **_):
         entry[1] = type(getattr(reason, "exc", None) or reason).__name__
 
 
-def _failure(task_id=None, exception=None, **_):
+def _failure(sender=None, task_id=None, exception=None, **_):
     entry = _inflight.get(task_id)
     if entry is not None:
         entry[1] = type(exception).__name__
+        return
+    # Not run in this process: the worker's main process reports a task whose pool process died (WorkerLostError)
+    # or that was rejected; no postrun will follow, so this is the task's final record.
+    request = getattr(sender, "request", None)
+    now = time.time()
+    _sink.push([ledger.ATTEMPT, task_id, getattr(sender, "name", None), "FAILURE",
+                _header(request, ledger.HEADER_SENT_AT), _header(request, ledger.HEADER_ATTEMPT_SENT_AT), None,
+                None, now, now, getattr(request, "retries", 0) or 0, type(exception).__name__,
+                _header(request, ledger.HEADER_INTENDED_AT), _hostname])
 
 
 def _header(request, name):

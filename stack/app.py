@@ -29,9 +29,9 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_retry_on_startup": True,
         # fail fast rather than hang when the broker is gone: the API turns this into a 503
         "broker_connection_timeout": 2.0,
-        "broker_connection_max_retries": 1,
         "broker_transport_options": {"socket_connect_timeout": 2, "socket_timeout": 10, "max_retries": 1,
-                                     "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+                                     "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
+                                     "visibility_timeout": settings.visibility_timeout_s},
         "redis_socket_connect_timeout": 2,
         "redis_socket_timeout": 10,
         "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},

@@ -27,6 +27,8 @@ def redis_command(port: int, data_dir: Path, appendonly: bool = False) -> list[s
         "--protected-mode", "yes",
         "--save", "",
         "--appendonly", "yes" if appendonly else "no",
+        # with persistence, every write reaches the file before Redis answers: a SIGKILL loses nothing
+        "--appendfsync", "always" if appendonly else "everysec",
         "--dir", str(data_dir),
         "--daemonize", "no",
         "--databases", "16",

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535, description="/metrics port of a standalone process (0 = its default, or a free port inside the stack)")
     flower: bool = Field(False, description="Start Flower with the stack (bound to 127.0.0.1)")
     flower_port: int = Field(0, ge=0, le=65535, description="Flower's port (0 = a free port)")
+    broker_persistence: bool = Field(False, description="Embedded broker keeps an append-only file (survives restarts)")
+    visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker: seconds before an unacknowledged task is redelivered")
+    chaos: str | None = Field(None, description="Faults to inject, e.g. kill-worker@10s,restart-broker@20s")
     max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
     api_host: str = Field("127.0.0.1", description="Address the producer API binds (containers need 0.0.0.0)")
     api_port: int = Field(0, ge=0, le=65535, description="Producer API port (0 = a free port)")
@@ -154,6 +157,15 @@ class Settings(BaseSettings):
             return parse_duration(value, "--duration")
         except SettingsError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("chaos")
+    @classmethod
+    def _chaos_plan(cls, value):
+        if value:
+            from stack.chaos import parse_plan
+
+            parse_plan(value)  # raises ValueError with the sentence
+        return value or None
 
     @field_validator("app")
     @classmethod

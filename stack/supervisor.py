@@ -25,7 +25,8 @@ class Stack:
         self.log_dir = self.run_dir / "logs"
         self.with_api = api
         self.log = log
-        self.redis: Child | None = None
+        self.redis: Child | None = None          # the embedded broker (and backend)
+        self.ledger_redis: Child | None = None   # the run's ledger channel, apart from the system under test
         self.workers: list[Child] = []
         self.api: Child | None = None
         self.exporter: Child | None = None
@@ -46,7 +47,8 @@ class Stack:
         self.stop()
 
     def children(self) -> list[Child]:
-        return [c for c in [self.api, self.flower, *self.workers, self.exporter, self.redis] if c is not None]
+        return [c for c in [self.api, self.flower, *self.workers, self.exporter, self.redis, self.ledger_redis]
+                if c is not None]
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,19 +79,60 @@ class Stack:
 
     # --- parts -------------------------------------------------------------------------------------------------
     def _start_embedded_redis(self) -> None:
+        """The embedded broker (when no broker or backend is given) and, always, the run's own ledger Redis: the
+        harness keeps its records apart from the system under test, so a broker restart loses no ledger record."""
         s = self.settings
-        needs_redis = s.broker is None or s.backend is None or s.ledger_url is None
-        if not needs_redis:
-            return
-        port = embedded.free_port()
-        data_dir = self.run_dir / "redis"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.redis = Child("redis", embedded.redis_command(port, data_dir), self.log_dir / "redis.log").start()
-        broker = s.broker or embedded.redis_url(port, 0)
-        backend = s.backend or (s.broker if s.broker and s.broker.startswith("redis") else embedded.redis_url(port, 1))
-        ledger_url = s.ledger_url or embedded.redis_url(port, 2)
-        self.settings = s.model_copy(update={"broker": broker, "backend": backend, "ledger_url": ledger_url})
-        self._wait(lambda: self._redis_ping(ledger_url), self.redis, "embedded Redis")
+        updates = {}
+        if s.broker is None or s.backend is None:
+            port = embedded.free_port()
+            data_dir = self.run_dir / "redis"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.redis = Child("redis", embedded.redis_command(port, data_dir, appendonly=s.broker_persistence),
+                               self.log_dir / "redis.log").start()
+            updates["broker"] = s.broker or embedded.redis_url(port, 0)
+            updates["backend"] = s.backend or (s.broker if s.broker and s.broker.startswith("redis")
+                                               else embedded.redis_url(port, 1))
+            self._wait(lambda: self._redis_ping(embedded.redis_url(port, 0)), self.redis, "embedded Redis")
+        if s.ledger_url is None:
+            port = embedded.free_port()
+            data_dir = self.run_dir / "ledger-redis"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.ledger_redis = Child("ledger-redis", embedded.redis_command(port, data_dir),
+                                      self.log_dir / "ledger-redis.log").start()
+            updates["ledger_url"] = embedded.redis_url(port, 0)
+            self._wait(lambda: self._redis_ping(updates["ledger_url"]), self.ledger_redis, "ledger Redis")
+        self.settings = s.model_copy(update=updates)
+
+    # --- faults (chaos) ----------------------------------------------------------------------------------------
+    def restart(self, child: Child, *, kill: bool = True) -> Child:
+        """SIGKILL (or stop) a child and start the same command again; returns the new child."""
+        if kill:
+            child.kill()
+        else:
+            child.stop(timeout=10)
+        fresh = Child(child.name, child.command, child.log_path, env=child.env, stop_signal=child.stop_signal).start()
+        for attribute in ("redis", "ledger_redis", "api", "exporter", "flower"):
+            if getattr(self, attribute, None) is child:
+                setattr(self, attribute, fresh)
+        self.workers = [fresh if w is child else w for w in self.workers]
+        return fresh
+
+    def wait_redis(self) -> None:
+        self._wait(lambda: self._redis_ping(self.settings.broker), self.redis, "embedded Redis")
+
+    def wait_api(self) -> None:
+        self._wait(self._api_healthy, self.api, "producer API")
+
+    def wait_worker(self, index: int, timeout: float | None = None) -> None:
+        worker = self.workers[index - 1]
+        deadline = time.monotonic() + (timeout or self.settings.startup_timeout_s)
+        while not self._workers_answer({self.worker_name(index)}):
+            if not worker.running():
+                raise StartupError(f"{worker.name} exited after a restart; last lines of {worker.log_path}:\n"
+                                   f"{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"{worker.name} did not answer within {timeout}s of its restart")
+            time.sleep(0.2)
 
     def _worker_child(self, index: int) -> Child:
         s = self.settings

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -64,12 +65,12 @@ def test_queue_length_rises_while_workers_are_paused_and_falls_after(run_dir):
 
         client = redis.Redis.from_url(stack.settings.broker)
         assert len([k for k in client.keys(f"{queue}*") if client.type(k) == b"list"]) >= 2
-        wait_until(lambda: value(scrape(url), "celery_queue_length", queue=queue) == 20, 10,
+        wait_until(lambda: value(scrape(url), "celery_queue_length", queue=queue) == 20, 20,
                    what="celery_queue_length to read 20 while the worker is paused")
         app.control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
         for result in results:
             result.get(timeout=30)
-        wait_until(lambda: value(scrape(url), "celery_queue_length", queue=queue) == 0, 10,
+        wait_until(lambda: value(scrape(url), "celery_queue_length", queue=queue) == 0, 20,
                    what="celery_queue_length to fall to 0 after the worker resumed")
         samples = scrape(url)
         assert value(samples, "celery_queue_unacked", queue="*") is not None
@@ -89,14 +90,15 @@ def test_worker_up_drops_to_zero_after_sigkill(run_dir):
         wait_until(lambda: value(scrape(url), "celery_worker_up", hostname=w2) == 0, 20,
                    what="celery_worker_up of the killed worker to read 0")
         elapsed = time.monotonic() - killed_at
-        # timeout = 2.5 x the 2 s heartbeat interval, plus one heartbeat that may have been in flight
-        assert elapsed < 5.0 + 2.0 + 1.0, f"took {elapsed:.1f}s"
+        # timeout = 2.5 x the 2 s heartbeat interval, after the last heartbeat (up to 2 s before the kill), plus slack
+        # for a loaded machine
+        assert elapsed < 5.0 + 2.0 + 3.0, f"took {elapsed:.1f}s"
         samples = scrape(url)
         assert value(samples, "celery_worker_up", hostname=w1) == 1
         assert value(samples, "celery_worker_tasks_active", hostname=w2) == 0
 
 
-# --- a dead broker ----------------------------------------------------------------------------------------------------
+# --- a hung, then dead broker ------------------------------------------------------------------------------------------
 def test_exporter_keeps_serving_while_the_broker_is_down(run_dir):
     redis_port, metrics_port = embedded.free_port(), embedded.free_port()
     data = run_dir / "redis"
@@ -112,27 +114,34 @@ def test_exporter_keeps_serving_while_the_broker_is_down(run_dir):
         wait_until(lambda: _pings(client), 10, what="redis")
         client.lpush("celery", b"{}", b"{}", b"{}")
         exporter = exporter_child(run_dir, broker, metrics_port)
-        wait_until(lambda: _try_scrape(url) and value(_try_scrape(url), "celery_queue_length", queue="celery") == 3,
+        wait_until(lambda: (s := _try_scrape(url)) and value(s, "celery_queue_length", queue="celery") == 3,
                    30, what="the exporter to report the queue")
-        redis_child.kill()
-        # every scrape answers at once with the last values, and the age of the last collection grows
-        ages = []
-        deadline = time.monotonic() + 20
-        while not ages or ages[-1] < 4.0:
-            assert time.monotonic() < deadline, f"broker age did not grow past 4s: {ages}"
-            started = time.monotonic()
-            samples = scrape(url, timeout=2)
-            assert time.monotonic() - started < 1.0, "a scrape waited on the dead broker"
-            assert value(samples, "celery_queue_length", queue="celery") == 3
-            ages.append(value(samples, "loadlab_exporter_last_collection_age_seconds", source="broker"))
-            time.sleep(0.25)
-        assert ages == sorted(ages)
-        assert value(samples, "loadlab_exporter_collection_errors_total", source="broker") > 0
-        assert exporter.running()
-        # the broker comes back: collection resumes
-        redis_child = Child("redis", embedded.redis_command(redis_port, data), run_dir / "logs" / "redis2.log").start()
+        # hung: the broker accepts nothing and answers nothing, so a poll blocks until its socket timeout (10 s);
+        # every scrape still answers at once with the last values, and the age of the last collection grows
+        os.kill(redis_child.pid, signal.SIGSTOP)
+        try:
+            ages = []
+            deadline = time.monotonic() + 20
+            while not ages or ages[-1] < 3.5:
+                assert time.monotonic() < deadline, f"broker age did not grow past 3.5s: {ages}"
+                started = time.monotonic()
+                samples = scrape(url, timeout=5)
+                assert time.monotonic() - started < 1.5, "a scrape waited on the hung broker"
+                assert value(samples, "celery_queue_length", queue="celery") == 3
+                ages.append(value(samples, "loadlab_exporter_last_collection_age_seconds", source="broker"))
+                time.sleep(0.25)
+            assert ages == sorted(ages)
+        finally:
+            os.kill(redis_child.pid, signal.SIGCONT)
         wait_until(lambda: value(scrape(url), "loadlab_exporter_last_collection_age_seconds", source="broker") < 2,
-                   20, what="collection to resume after the broker returned")
+                   20, what="collection to resume after the broker answered again")
+        # dead: polls fail (and are counted), the exporter serves the last values
+        redis_child.kill()
+        wait_until(lambda: value(scrape(url), "loadlab_exporter_collection_errors_total", source="broker") > 0, 10,
+                   what="the failed polls to be counted")
+        samples = scrape(url)
+        assert value(samples, "celery_queue_length", queue="celery") == 3
+        assert exporter.running()
     finally:
         if exporter is not None:
             exporter.stop(timeout=5)
@@ -181,7 +190,7 @@ def test_task_events_are_counted_for_an_uninstrumented_app(run_dir):
                 app.send_task("loadlab.flaky", kwargs={"p": 1.0}, queue=queue).get(timeout=20)
             wait_until(lambda: (s := _try_scrape(url)) and total(s, "celery_task_succeeded_total",
                                                                  task="loadlab.noop") == before + 10
-                       and total(s, "celery_task_failed_total", task="loadlab.flaky") == 1, 10,
+                       and total(s, "celery_task_failed_total", task="loadlab.flaky") == 1, 20,
                        what="the exporter's task counters to match what ran")
             samples = scrape(url)
             assert total(samples, "celery_task_runtime_seconds_count", task="loadlab.noop") == before + 10
@@ -246,7 +255,7 @@ def test_flower_answers_and_its_counts_agree_with_the_ledger(run_dir):
                                                                                             "retried")}
             return counts if counts == {"succeeded": 8, "failed": 2, "retried": 2} else None
 
-        wait_until(flower_counts, 10, what="Flower's task counts to equal the ledger's")
+        wait_until(flower_counts, 20, what="Flower's task counts to equal the ledger's")
         saved = scrape_all(stack, run_dir / "metrics")  # the run's final scrape finds Flower and the exporter
         assert set(saved) >= {"exporter", "flower"}
         assert "flower_events_total" in (run_dir / saved["flower"]).read_text()

@@ -1,0 +1,160 @@
+"""Fault injection during a run: ``--chaos kill-worker@10s,restart-broker@20s,…``. Each fault is applied to the
+running stack at its time after the load started; the stack restarts what it killed and the run goes on. The report
+lists each fault, what the settings used promise about it, and what was lost."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from stack.settings import parse_duration, SettingsError
+
+FAULTS = {
+    "kill-worker-child": "SIGKILL one pool process of worker 1 (mid-task under load); the pool replaces it",
+    "kill-worker": "SIGKILL worker 1 and its pool; the stack starts it again",
+    "restart-broker": "SIGKILL the embedded Redis broker and start it again on the same port",
+    "restart-api": "SIGKILL the producer API and start it again",
+    "kill-exporter": "SIGKILL the exporter service and start it again",
+}
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_s: float
+    applied_at: float | None = None
+    detail: str = ""
+    recovered_s: float | None = None
+    lost_ids: list[str] = field(default_factory=list)
+
+
+def parse_plan(text: str) -> list[Fault]:
+    """``kind@time,…`` -> faults in time order; a ValueError names the bad part and what is accepted."""
+    faults = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        kind, _, when = part.partition("@")
+        if kind not in FAULTS:
+            raise ValueError(f"--chaos fault {kind!r} is not known; use one of {', '.join(FAULTS)}, as kind@time "
+                             "(e.g. kill-worker@10s).")
+        if not when:
+            raise ValueError(f"--chaos fault {part!r} has no time; write it as {kind}@10s.")
+        try:
+            at_s = parse_duration(when, f"--chaos time of {kind}")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+        faults.append(Fault(kind, at_s))
+    if not faults:
+        raise ValueError(f"--chaos {text!r} names no fault; use e.g. kill-worker@10s,restart-broker@20s.")
+    return sorted(faults, key=lambda f: f.at_s)
+
+
+# kombu's Redis transport takes a message with BRPOP and records it as unacknowledged in a second step: a message
+# between the two when its worker or the broker dies is lost whatever acks_late says (at most one per consumer).
+REDIS_IN_TRANSIT = ("; with a Redis broker a message in transit (popped, not yet recorded as unacknowledged) "
+                    "can still be lost: at most one per worker")
+
+
+def expectation(kind: str, settings) -> dict:
+    """What the settings promise for a fault: ``max_lost`` is the most tasks it may lose (None: no promise)."""
+    acks_late = settings.acks_late
+    redis_broker = (settings.broker or "").startswith("redis")
+    if kind == "kill-worker-child":
+        if acks_late:
+            return {"max_lost": 0, "text": "acks_late + task_reject_on_worker_lost: the task in flight is requeued "
+                                           "and runs again (a duplicate is possible); nothing lost"}
+        return {"max_lost": 0, "text": "without acks_late the task in flight fails with WorkerLostError "
+                                       "(counted failed, not lost); prefetched tasks stay with the worker"}
+    if kind == "kill-worker":
+        redelivery = (f"after the visibility timeout ({settings.visibility_timeout_s}s)" if redis_broker
+                      else "at once")
+        if acks_late and (not redis_broker or settings.visibility_timeout_s < settings.drain_timeout_s):
+            return {"max_lost": 1 if redis_broker else 0,
+                    "text": f"acks_late: running and prefetched tasks were never acknowledged and come back {redelivery}"
+                            ", before the drain deadline (duplicates possible)"
+                            + (REDIS_IN_TRANSIT.replace("per worker", "for the killed worker") if redis_broker else "")}
+        return {"max_lost": None, "text": "without acks_late (or with a visibility timeout past the drain deadline) "
+                                          "the tasks it was running are lost; prefetched ones come back "
+                                          f"{redelivery}"}
+    if kind == "restart-broker":
+        if settings.broker_persistence:
+            held = settings.workers * settings.concurrency * (max(1, settings.prefetch_multiplier) + 1)
+            return {"max_lost": held,
+                    "text": "the embedded Redis writes an append-only file (fsync always): queued tasks survive the "
+                            "restart. Tasks the workers held (running or reserved, at most workers × concurrency × "
+                            f"(prefetch + 1) = {held}) can be lost: on a lost connection kombu hands reserved "
+                            "messages back to the broker that has just gone away"}
+        return {"max_lost": None, "text": "Redis without persistence: tasks queued in the broker (and results stored "
+                                          "there) are gone after the restart"}
+    if kind == "restart-api":
+        return {"max_lost": 0, "text": "HTTP requests in flight fail; tasks already published stay in the broker"}
+    return {"max_lost": 0, "text": "a gap in the metrics only; no task is affected"}
+
+
+def _pool_children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def apply(fault: Fault, stack, log=print) -> None:
+    """Applies one fault to a running ``stack.supervisor.Stack`` and waits until the stack is whole again."""
+    started = time.monotonic()
+    fault.applied_at = time.time()
+    if fault.kind == "kill-worker-child":
+        worker = stack.workers[0]
+        children = _pool_children(worker.pid)
+        if not children:
+            fault.detail = "worker 1 has no pool process (pool solo or threads): nothing killed"
+        else:
+            os.kill(children[0], signal.SIGKILL)
+            fault.detail = f"killed pool process {children[0]} of {worker.name}"
+    elif fault.kind == "kill-worker":
+        stack.restart(stack.workers[0])
+        stack.wait_worker(1)
+        fault.detail = f"killed and restarted {stack.workers[0].name}"
+    elif fault.kind == "restart-broker":
+        if stack.redis is None:
+            fault.detail = "the broker is external: loadlab cannot restart it (skipped)"
+        else:
+            stack.restart(stack.redis)
+            stack.wait_redis()
+            fault.detail = "killed and restarted the embedded Redis broker"
+    elif fault.kind == "restart-api":
+        if stack.api is None:
+            fault.detail = "no API in this stack (skipped)"
+        else:
+            stack.restart(stack.api)
+            stack.wait_api()
+            fault.detail = "killed and restarted the producer API"
+    elif fault.kind == "kill-exporter":
+        if stack.exporter is None:
+            fault.detail = "no exporter (metrics off): skipped"
+        else:
+            stack.restart(stack.exporter)
+            fault.detail = "killed and restarted the exporter"
+    fault.recovered_s = round(time.monotonic() - started, 3)
+    log(f"chaos: {fault.kind} at {fault.at_s:g}s: {fault.detail} (whole again after {fault.recovered_s:.1f}s)")
+
+
+# Faults that hit a process holding tasks (a worker or the broker); the API and the exporter hold none.
+HOLDS_TASKS = {"kill-worker-child", "kill-worker", "restart-broker"}
+
+
+def attribute_losses(faults: list[Fault], lost: dict[str, float]) -> list[str]:
+    """Gives each lost task (id -> sent_at) to the first fault after it was sent that hit a process holding tasks
+    (else to the first fault after it was sent); returns the ids sent after every fault."""
+    unattributed = []
+    applied = [f for f in faults if f.applied_at is not None]
+    for task_id, sent_at in lost.items():
+        later = [f for f in applied if sent_at <= f.applied_at]
+        owner = next((f for f in later if f.kind in HOLDS_TASKS), later[0] if later else None)
+        if owner is None:
+            unattributed.append(task_id)
+        else:
+            owner.lost_ids.append(task_id)
+    return unattributed

@@ -1,0 +1,59 @@
+"""Fault injection with task accounting: for each fault and the settings that promise something about it, the
+report's lost count meets the promise (0 where promised) and the ledger adds up."""
+import json
+
+import pytest
+
+from stack.chaos import parse_plan
+from tests.conftest import run_cli
+
+
+def _run(out, *args):
+    result = run_cli("run", "chaos", "--duration", "20s", "--drain-timeout-s", "40", "--out", str(out), *args,
+                     timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    t = report["tasks"]
+    assert t["submitted"] > 0
+    assert t["submitted"] == t["succeeded"] + t["failed"] + t["revoked"] + t["lost"]
+    faults = {f["fault"]: f for f in report["chaos"]["faults"]}
+    assert all(f["applied"] for f in faults.values()), faults
+    assert sum(f["lost"] for f in faults.values()) + report["chaos"]["lost_after_every_fault"] == t["lost"]
+    return report, faults
+
+
+def test_acks_late_and_persistence_lose_nothing(run_dir):
+    report, faults = _run(run_dir / "safe", "--acks-late", "--broker-persistence", "--visibility-timeout-s", "5",
+                          "--chaos", "kill-worker-child@3s,kill-worker@6s,restart-api@10s,kill-exporter@12s,"
+                                     "restart-broker@14s")
+    for fault in faults.values():
+        # every promise is a bound here: 0, or (Redis) at most one message in transit per worker
+        assert fault["expected_max_lost"] is not None, fault
+        assert fault["lost"] <= fault["expected_max_lost"] and fault["as_expected"], fault
+    assert faults["kill-worker-child"]["lost"] == faults["restart-api"]["lost"] == faults["kill-exporter"]["lost"] == 0
+    assert faults["kill-worker"]["expected_max_lost"] <= 1  # Redis: one message in transit at most
+
+
+def test_without_acks_late_or_persistence_losses_are_accounted(run_dir):
+    report, faults = _run(run_dir / "unsafe", "--chaos", "kill-worker-child@3s,restart-api@6s,kill-worker@9s,"
+                                                         "restart-broker@14s")
+    assert faults["kill-worker-child"]["expected_max_lost"] == 0 and faults["kill-worker-child"]["lost"] == 0
+    assert faults["restart-api"]["lost"] == 0
+    # a task whose pool process died is a failure (WorkerLostError), not a loss
+    # no promise without acks_late and persistence: whatever was lost is counted and named
+    assert faults["kill-worker"]["expected_max_lost"] is None and faults["restart-broker"]["expected_max_lost"] is None
+    # whatever was lost is named: the ids listed are the ledger's lost ids
+    listed = {i for f in faults.values() for i in f["lost_ids"]}
+    assert listed <= set(report["drain"]["lost_ids"]) or len(listed) == 20
+
+
+@pytest.mark.parametrize("plan, words", [
+    ("explode-everything@3s", ["explode-everything", "kill-worker"]),
+    ("kill-worker", ["kill-worker@10s"]),
+    ("kill-worker@soon", ["soon", "30s"]),
+])
+def test_bad_plans_are_refused(plan, words):
+    with pytest.raises(ValueError) as info:
+        parse_plan(plan)
+    for word in words:
+        assert word in str(info.value)

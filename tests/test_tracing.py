@@ -1,0 +1,168 @@
+"""Tracing: sampler per mode, traces.jsonl written safely by many processes, no span lost when pool children are
+recycled after every task (while the worker's scrape stays cheap), and one API submit = one trace."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporters import tracing
+from stack.settings import Settings
+from stack.supervisor import Stack
+from tests.conftest import processes_mentioning, unique, wait_until
+from tests.test_metrics import parse_prom, total
+
+CONSUMER, PRODUCER, SERVER, CLIENT = 5, 4, 2, 3
+RECYCLED = 100
+
+
+def read_spans(path: Path) -> list[dict]:
+    """Every span of traces.jsonl, with its service name; each line must be one complete OTLP JSON document."""
+    spans = []
+    if not path.exists():
+        return spans
+    for line in path.read_text().splitlines():
+        doc = json.loads(line)
+        (resource_spans,) = doc["resourceSpans"]
+        service = next(a["value"]["stringValue"] for a in resource_spans["resource"]["attributes"]
+                       if a["key"] == "service.name")
+        (scope_spans,) = resource_spans["scopeSpans"]
+        (span,) = scope_spans["spans"]
+        span["service"] = service
+        span["attrs"] = {a["key"]: next(iter(a["value"].values())) for a in span["attributes"]}
+        spans.append(span)
+    return spans
+
+
+def test_sampler_follows_the_tracing_mode():
+    sampled = tracing.sampler(Settings.build(tracing="sampled", trace_sample_ratio="0.25"))
+    assert "ParentBased" in sampled.get_description() and "TraceIdRatioBased{0.25}" in sampled.get_description()
+    assert "AlwaysOnSampler" in tracing.sampler(Settings.build(tracing="all")).get_description()
+
+
+def test_processes_appending_to_one_traces_file_never_interleave_lines(tmp_path):
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    path = tmp_path / "traces.jsonl"
+    exporter = tracing.JsonLinesSpanExporter(path)
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    children = []
+    for worker in range(4):
+        pid = os.fork()
+        if pid == 0:  # each child writes 200 spans with a large attribute, so a torn write would show
+            try:
+                for i in range(200):
+                    with tracer.start_as_current_span(f"w{worker}") as span:
+                        span.set_attribute("payload", "x" * 3000)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    spans = read_spans(path)
+    assert Counter(s["name"] for s in spans) == {f"w{w}": 200 for w in range(4)}
+
+
+@pytest.fixture(scope="module")
+def traced_stack(tmp_path_factory):
+    """One stack for the module: tracing every task, metrics on, pool children recycled after every task."""
+    run_dir = tmp_path_factory.mktemp("traced") / unique("run")
+    settings = Settings.build(run_id=unique(), run_dir=str(run_dir), tracing="all", metrics="on",
+                              max_tasks_per_child="1", concurrency="2")
+    stack = Stack(settings, run_dir, api=True).__enter__()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        wait_until(lambda: not processes_mentioning(str(run_dir)), 15, 0.2, "the stack's processes to exit")
+
+
+def _worker_endpoint(stack) -> dict:
+    (path,) = (Path(stack.run_dir) / "ports").glob("w1.*.json")
+    return json.loads(path.read_text())
+
+
+def _scrape_seconds(url: str, times: int = 7) -> tuple[float, str]:
+    durations = []
+    for _ in range(times):
+        started = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read().decode()
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations), body
+
+
+def _run_noops(stack, count: int) -> list[str]:
+    results = [stack.app.send_task("loadlab.noop") for _ in range(count)]
+    for result in results:
+        result.get(timeout=120)
+    return [r.id for r in results]
+
+
+def test_recycled_children_lose_no_span_and_the_scrape_stays_bounded(traced_stack):
+    endpoint = _worker_endpoint(traced_stack)
+    ids = _run_noops(traced_stack, 10)
+    after_10, _ = _scrape_seconds(endpoint["url"])
+    # ~0.2 s per recycled task on a 2-core machine (fork + Celery's child init): 120 keep the test short, and
+    # with per-pid files they would already be 240+ files, a many-fold slower scrape
+    ids += _run_noops(traced_stack, RECYCLED - 10)
+    after_many, body = _scrape_seconds(endpoint["url"])
+
+    # every task had a child of its own; the metric files are per pool slot (2) plus the MainProcess
+    files = os.listdir(endpoint["multiprocess_dir"])
+    assert len(files) <= 3 * (2 + 1), files
+    assert after_many < 3 * after_10 + 0.02, (after_10, after_many)
+    samples = parse_prom(body)
+    assert total(samples, "celery_task_succeeded_total", task="loadlab.noop") == RECYCLED
+    assert total(samples, "celery_task_runtime_seconds_count", task="loadlab.noop") == RECYCLED
+
+    # every run span reached traces.jsonl although each child left right after its task (os._exit)
+    traces = Path(traced_stack.run_dir) / tracing.TRACES_FILE
+
+    def run_spans():
+        return [s for s in read_spans(traces) if s["kind"] == CONSUMER and s["name"] == "run/loadlab.noop"]
+
+    wait_until(lambda: len(run_spans()) >= RECYCLED, 30, 0.5, "a run span per task in traces.jsonl")
+    spans = run_spans()
+    assert len(spans) == RECYCLED
+    assert {s["attrs"]["messaging.message.id"] for s in spans} == set(ids)
+
+
+def test_one_api_submit_is_one_trace_through_api_publish_run_and_result_store(traced_stack):
+    api = traced_stack.settings.api_url
+    task_id = httpx.post(f"{api}/tasks/noop", json={}, timeout=10).json()["id"]
+    wait_until(lambda: httpx.get(f"{api}/tasks/{task_id}", timeout=10).json()["state"] == "SUCCESS", 30, 0.1,
+               "the task to succeed")
+    traces = Path(traced_stack.run_dir) / tracing.TRACES_FILE
+
+    def the_trace():
+        spans = read_spans(traces)
+        run = [s for s in spans if s["kind"] == CONSUMER and s["attrs"].get("messaging.message.id") == task_id]
+        if not run:
+            return None
+        trace = [s for s in spans if s["traceId"] == run[0]["traceId"]]
+        # the API's batch processor exports every few seconds: wait for its spans too
+        return trace if any(s["kind"] == SERVER for s in trace) else None
+
+    trace = wait_until(the_trace, 20, 0.25, "the API, publish and run spans of one trace")
+    by_kind = {s["kind"]: s for s in trace}
+    server, publish, run = by_kind[SERVER], by_kind[PRODUCER], by_kind[CONSUMER]
+    assert (server["service"], server["name"]) == ("loadlab-api", "POST /tasks/{name}")
+    assert (publish["service"], publish["name"]) == ("loadlab-api", "apply_async/loadlab.noop")
+    assert (run["service"], run["name"]) == ("loadlab-worker", "run/loadlab.noop")
+    assert publish["parentSpanId"] == server["spanId"] and run["parentSpanId"] == publish["spanId"]
+    # the result store is a Redis span inside the run span
+    stores = [s for s in trace if s["kind"] == CLIENT and s.get("parentSpanId") == run["spanId"]]
+    assert stores and all(s["attrs"]["db.system"] == "redis" for s in stores)
+    assert len({s["traceId"] for s in trace}) == 1
