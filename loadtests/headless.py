@@ -18,15 +18,23 @@ from stack.settings import Settings
 from stack.supervisor import StartupError, Stack
 from stack.tasks import retry_policy
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: Scenario | None = None) -> int:
     scenario = scenario or get_scenario(settings.scenario)
-    if scenario.chaos and not settings.chaos:
-        settings = settings.model_copy(update={"chaos": scenario.chaos})
+    if scenario.chaos and not settings.chaos:  # validated again: the chaos plan changes derived defaults
+        settings = Settings(**{**settings.model_dump(exclude_unset=True), "chaos": scenario.chaos})
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
+    if settings.prometheus:
+        from dashboards.prometheus_runner import PrometheusMissing, binary
+
+        try:
+            binary()
+        except PrometheusMissing as exc:
+            console.print(f"[bold red]error:[/] --prometheus: {exc}")
+            return EXIT_USAGE
     try:
         with console.status("starting the stack (broker, workers, producer API)…"):
             stack = Stack(settings, run_dir).__enter__()
@@ -48,13 +56,20 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                         on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
                         warmup_s=settings.warmup_s).start()
     loadgen_metrics.serve(settings, recorder)
-    chaos = None
+    chaos = prometheus = None
     try:
+        if settings.prometheus:  # after serve(): the load generator's own endpoint is a target too
+            from dashboards.prometheus_runner import RunPrometheus
+
+            with console.status("starting Prometheus (every endpoint scraped each second)…"):
+                prometheus = RunPrometheus(run_dir, stack).start()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False) as progress:
             bar = progress.add_task(f"load ({load.users} users, {load.duration_s:g}s)", total=1.0, detail="")
 
             def tick(fraction: float, stats: dict) -> None:
+                if prometheus is not None:
+                    prometheus.refresh_targets()  # a worker restarted by chaos serves on a new port
                 c = recorder.counts
                 progress.update(bar, completed=min(1.0, fraction),
                                 detail=f"{c['submitted']} sent, {c['succeeded'] + c['failed']} done, "
@@ -76,6 +91,8 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     finally:
         if chaos is not None:
             chaos.join()
+        if prometheus is not None:
+            prometheus.finish()  # after the drain: its end is in the data
         recorder.close()
     recorded = recorder.summary()
     chaos_section = None
@@ -83,6 +100,8 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
         chaos_section = _chaos_report(chaos.faults, recorder, settings)
         chaos_section["worker_restarts"] = chaos.restarts
     artefacts = {"settings": "settings.json", "locust CSV": "locust/", "process logs": "logs/"}
+    if prometheus is not None:
+        artefacts["Prometheus TSDB (loadlab dashboards render)"] = "prometheus/"
     # the final scrape, while every process still runs (before the stack stops)
     artefacts.update({f"metrics of {name}": path for name, path in scrape_all(stack, run_dir / "metrics").items()})
     if settings.tracing != "off" and not tracing.exports_otlp():

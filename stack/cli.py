@@ -26,7 +26,7 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "locust_workers", "warmup_s", "drain_timeout_s"}
+                   "locust_workers", "warmup_s", "drain_timeout_s", "prometheus"}
 RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -91,13 +91,14 @@ def main():
 
 
 def _install_stop_signals() -> None:
-    """SIGTERM (and SIGHUP) unwind the main greenlet like Ctrl-C does, so every child is stopped."""
+    """Ctrl-C, SIGTERM and SIGHUP unwind the main greenlet, so every child is stopped. Python would raise Ctrl-C's
+    KeyboardInterrupt in whichever greenlet runs at that instant (the recorder's, say), which then dies alone."""
     main_greenlet = gevent.getcurrent()
 
     def stop(signum):
-        main_greenlet.throw(SystemExit(128 + signum))
+        main_greenlet.throw(KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum))
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         gevent.signal_handler(signum, stop, signum)
 
 
@@ -169,6 +170,7 @@ def up(out, **options):
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
+@_settings_options(["prometheus"])
 def run(scenario, out, gates_file, baseline, **options):
     """Start the stack, run a headless Locust scenario, drain, write the run directory, stop the stack."""
     from loadtests.scenarios import get_scenario
@@ -179,6 +181,8 @@ def run(scenario, out, gates_file, baseline, **options):
     rules = None
     if gates_file:
         rules = _load_gate_rules(gates_file, baseline)
+    elif baseline:
+        raise UsageError(f"--baseline {baseline!r} is only used with --gates; add --gates FILE or leave --baseline out.")
     run_dir = _run_dir(out, settings.scenario)
     _install_stop_signals()
     code = execute_run(settings, run_dir, console=console)
@@ -219,10 +223,16 @@ def _load_gate_rules(gates_file: str, baseline: str | None):
     try:
         rules = load_rules(gates_file)
     except GateConfigError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_in_rules_file(exc, gates_file)) from None
     if baseline and not (Path(baseline) / "report.json").is_file():
         raise UsageError(f"--baseline {baseline!r} has no report.json; give the directory of a finished run.")
     return rules
+
+
+def _in_rules_file(exc: Exception, rules_file: str) -> str:
+    """Errors about one rule say 'gate rule 2 …': name the file they are in too."""
+    message = str(exc)
+    return f"{rules_file}: {message}" if message.startswith("gate rule") else message
 
 
 def _gate(run_dir: Path, rules_file: str, baseline: str | None) -> int:
@@ -233,7 +243,7 @@ def _gate(run_dir: Path, rules_file: str, baseline: str | None) -> int:
     try:
         code = gate_run_dir(run_dir, rules_file, baseline, console=console)
     except GateConfigError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_in_rules_file(exc, rules_file)) from None
     write_rendered(run_dir, load_report(run_dir))
     return code
 
@@ -332,7 +342,8 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
 @click.option("--shapes", default="flat_strings,nested_dicts,numeric_lists,large_text", show_default=True,
               help="Payload shapes")
 @click.option("--compressions", default=None, help="Compressions (default: every one kombu has)")
-@click.option("--budget-s", default=45.0, show_default=True, type=float, help="Time budget of the offline matrix")
+@click.option("--budget-s", default=45.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Time budget of the offline matrix")
 @click.option("--inband-sizes", default="1000,100000", show_default=True,
               help="Payload sizes of the in-band runs ('' = offline only)")
 @click.option("--out", default=None, help="Directory (default reports/runs/<UTC-timestamp>-serialization/)")
@@ -352,6 +363,13 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
     shape_list = [v.strip() for v in shapes.split(",") if v.strip()]
     compression_list = [v.strip() for v in compressions.split(",")] if compressions else None
     settings = _build_settings(**options)
+    for shape in shape_list or [shapes]:
+        if shape not in matrix.SHAPES:
+            raise UsageError(f"--shapes {shape!r} is not a payload shape; use one of {', '.join(matrix.SHAPES)}.")
+    for name in compression_list or ():
+        if name not in matrix.available_compressions():
+            raise UsageError(f"--compressions {name!r} is not available; use one of "
+                             f"{', '.join(matrix.available_compressions())}.")
     run_dir = _run_dir(out, "serialization")
     _install_stop_signals()
     try:

@@ -6,9 +6,11 @@ every child process (workers, API, exporter, Locust) as JSON in ``LOADLAB_SETTIN
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import typing
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +28,7 @@ OnOff = Literal["on", "off"]
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 BACKEND_SCHEMES = ("redis", "rediss", "db+sqlite", "db+postgresql", "db+postgresql+psycopg2", "db+mysql", "rpc")
 
+CHAOS_VISIBILITY_TIMEOUT_S = 10
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -66,6 +69,18 @@ def mask_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+
+
+def _is_host(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(_HOST_RE.match(value))
+
+
 def _check_url(value: str | None, schemes: tuple[str, ...], option: str) -> str | None:
     if value is None or value == "":
         return None
@@ -89,7 +104,8 @@ class Settings(BaseSettings):
     """Every knob of a loadlab stack and run. Field names are the CLI flags (``--prefetch-multiplier``) and the
     environment variables (``LOADLAB_PREFETCH_MULTIPLIER``)."""
 
-    model_config = SettingsConfigDict(env_prefix="LOADLAB_", extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(env_prefix="LOADLAB_", extra="forbid", validate_assignment=True,
+                                      allow_inf_nan=False)
 
     # --- stack -------------------------------------------------------------------------------------------------
     broker: str | None = Field(None, description="Broker URL (redis://, amqp://); unset = embedded Redis")
@@ -112,7 +128,7 @@ class Settings(BaseSettings):
     flower: bool = Field(False, description="Start Flower with the stack (bound to 127.0.0.1)")
     flower_port: int = Field(0, ge=0, le=65535, description="Flower's port (0 = a free port)")
     broker_persistence: bool = Field(False, description="Embedded broker keeps an append-only file (survives restarts)")
-    visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker: seconds before an unacknowledged task is redelivered")
+    visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker: seconds before an unacknowledged task is redelivered (with --chaos and not given: 10, so redeliveries land within the drain)")
     chaos: str | None = Field(None, description="Faults to inject, e.g. kill-worker@10s,restart-broker@20s")
     max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
     api_host: str = Field("127.0.0.1", description="Address the producer API binds (containers need 0.0.0.0)")
@@ -132,6 +148,9 @@ class Settings(BaseSettings):
     locust_workers: int = Field(0, ge=0, le=64, description="Locust worker processes (0 = Locust runs in loadlab's own process)")
     warmup_s: float = Field(0.0, ge=0, description="Seconds at the start of the load left out of the steady window")
     drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
+    prometheus: bool = Field(False, description="Run Debian's Prometheus beside the run (every endpoint scraped each "
+                             "second, alert rules evaluated); its TSDB stays in RUN_DIR/prometheus/ for "
+                             "`loadlab dashboards render`")
     # --- internal wiring (set by the supervisor, not by users) ---------------------------------------------------
     run_id: str = Field("adhoc", description="Run identifier (ledger key prefix)")
     ledger_url: str | None = Field(None, description="Redis URL of the run's task ledger channel")
@@ -167,12 +186,28 @@ class Settings(BaseSettings):
             parse_plan(value)  # raises ValueError with the sentence
         return value or None
 
+    @field_validator("api_host", "metrics_host")
+    @classmethod
+    def _bind_address(cls, value, info):
+        if not _is_host(value):
+            raise ValueError(f"--{info.field_name.replace('_', '-')} {value!r} is not an address to bind; use an IP "
+                             "address such as 127.0.0.1 or 0.0.0.0, or a host name such as localhost.")
+        return value
+
     @field_validator("app")
     @classmethod
     def _app_ref(cls, value):
         if value and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
             raise ValueError(f"--app {value!r} is not module:attr; use e.g. myproject.celery:app.")
         return value or None
+
+    @model_validator(mode="after")
+    def _chaos_redelivers_within_the_drain(self):
+        # Celery's 1 h default would turn every task a killed worker held into a loss before the drain ends
+        if self.chaos and "visibility_timeout_s" not in self.model_fields_set:
+            object.__setattr__(self, "visibility_timeout_s", CHAOS_VISIBILITY_TIMEOUT_S)
+            self.model_fields_set.add("visibility_timeout_s")
+        return self
 
     @model_validator(mode="after")
     def _pickle_needs_consent(self):
@@ -188,7 +223,7 @@ class Settings(BaseSettings):
         try:
             return cls(**given)
         except ValidationError as exc:
-            raise SettingsError(explain(exc)) from None
+            raise SettingsError(explain(exc, flags=given)) from None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -217,19 +252,78 @@ class Settings(BaseSettings):
         return sorted({self.serializer, "json"})
 
 
-def explain(exc: ValidationError) -> str:
-    """One plain sentence per bad value, naming it and what is accepted."""
+_PATTERN_HINTS = {"queue": "a queue name of 1 to 200 letters, digits, '_', '.', ':' or '-'"}
+_NOT_A_WHOLE_NUMBER = {"int_parsing", "int_type", "int_from_float", "int_parsing_size"}
+_NOT_A_NUMBER = {"float_parsing", "float_type"}
+_OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _accepted(field: str) -> str:
+    """What a numeric setting accepts, from its bounds: 'a whole number from 1 to 64 (default 1)'."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return "a valid value"
+    kinds = [t for t in (typing.get_args(info.annotation) or (info.annotation,)) if t is not type(None)]
+    noun = "a whole number" if kinds and kinds[0] is int else "a number"
+    low = high = None
+    low_text = high_text = ""
+    for bound in info.metadata:
+        if getattr(bound, "ge", None) is not None:
+            low, low_text = bound.ge, f"of {_number(bound.ge)} or more"
+        if getattr(bound, "gt", None) is not None:
+            low, low_text = bound.gt, f"greater than {_number(bound.gt)}"
+        if getattr(bound, "le", None) is not None:
+            high, high_text = bound.le, f"at most {_number(bound.le)}"
+        if getattr(bound, "lt", None) is not None:
+            high, high_text = bound.lt, f"below {_number(bound.lt)}"
+    if low is not None and high is not None:
+        text = (f"{noun} from {_number(low)} to {_number(high)}" if low_text.startswith("of") and high_text.startswith("at")
+                else f"{noun} {low_text.removeprefix('of ')} and {high_text}")
+    elif low is not None or high is not None:
+        text = f"{noun} {low_text or high_text}"
+    else:
+        text = noun
+    if info.default is not None:
+        text += f" (default {_number(info.default) if isinstance(info.default, (int, float)) else info.default})"
+    return text
+
+
+def explain(exc: ValidationError, flags: typing.Iterable[str] | None = None) -> str:
+    """One plain sentence per bad value, naming the option (and the LOADLAB_* variable when the value came from the
+    environment), the bad value and what is accepted. ``flags``: the fields given as flags (None: unknown)."""
+    flags = None if flags is None else set(flags)
     sentences = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "settings"
         option = "--" + field.replace("_", "-")
+        subject = f"{option} {err.get('input')!r}"
+        kind = err["type"]
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "literal_error":
-            expected = err.get("ctx", {}).get("expected", "")
-            msg = f"{option} {err['input']!r} is not accepted; use one of {expected}."
-        elif err["type"] == "extra_forbidden":
+        if kind == "literal_error":
+            msg = f"{subject} is not accepted; use one of {err.get('ctx', {}).get('expected', '')}."
+        elif kind == "extra_forbidden":
             msg = f"{field!r} is not a loadlab setting."
+        elif kind in _NOT_A_WHOLE_NUMBER:
+            msg = f"{subject} is not a whole number; use {_accepted(field)}."
+        elif kind in _NOT_A_NUMBER:
+            msg = f"{subject} is not a number; use {_accepted(field)}."
+        elif kind == "finite_number":
+            msg = f"{subject} is not a finite number; use {_accepted(field)}."
+        elif kind in _OUT_OF_RANGE:
+            msg = f"{subject} is out of range; use {_accepted(field)}."
+        elif kind in ("bool_parsing", "bool_type"):
+            msg = f"{subject} is not true or false; use true/false, yes/no, on/off or 1/0."
+        elif kind == "string_pattern_mismatch":
+            hint = _PATTERN_HINTS.get(field) or f"a value matching {err.get('ctx', {}).get('pattern')}"
+            msg = f"{subject} is not accepted; use {hint}."
         elif not msg.startswith("--"):
-            msg = f"{option} {err.get('input')!r} is invalid: {msg}."
+            msg = f"{subject} is invalid: {msg.rstrip('.')}."
+        variable = f"LOADLAB_{field.upper()}"
+        if flags is not None and err["loc"] and field not in flags and variable in os.environ:
+            msg = f"{msg.rstrip('.')} (set by {variable})."
         sentences.append(msg)
     return " ".join(sentences)
