@@ -1,25 +1,30 @@
 # The README's two commands: `make run` and `make test`. Each creates .venv when missing and installs the
-# project into it; the stamp file makes a second call skip pip when pyproject.toml has not changed.
+# project into it; a stamp per extra makes a second call skip pip when pyproject.toml has not changed.
+# `make run` installs only what a run needs, so a fresh clone reaches its first report sooner.
 PY ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed-stamp
 LOADLAB := $(VENV)/bin/loadlab
+PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 
 .PHONY: run test install clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+$(VENV)/.run-stamp: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e .
+	touch $@
 
-install: $(STAMP)
+$(VENV)/.test-stamp: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.run-stamp
 
-run: $(STAMP)
+install: $(VENV)/.test-stamp
+
+run: $(VENV)/.run-stamp
 	$(LOADLAB) run smoke
 
-test: $(STAMP)
+test: $(VENV)/.test-stamp
 	$(VENV)/bin/python -m pytest -q
 
 clean:

@@ -1,9 +1,9 @@
 """Plain data describing a dashboard: titles, PromQL and presentation hints.
 
 Each dashboard module (``celery_overview``, ``task_drilldown``, ``load_test``) declares one ``DashboardSpec`` that holds
-every PromQL expression of that dashboard, so tests and tools (``queries.all_queries()``, a future static renderer) can
-enumerate the queries without parsing Grafana JSON. ``grafana.py`` turns a spec into a dashboard with the
-grafana-foundation-sdk; nothing else needs to know the SDK.
+every PromQL expression of that dashboard, so tests and tools (``queries.all_queries()``, the static renderer
+``render``) can enumerate the queries without parsing Grafana JSON. ``grafana.py`` turns a spec into a dashboard with
+the grafana-foundation-sdk; nothing else needs to know the SDK.
 """
 from __future__ import annotations
 

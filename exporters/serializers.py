@@ -83,7 +83,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Put the original codecs back (benchmarks compare bare and instrumented runs in one process)."""
+    """Put the original codecs back (tests, or a process that turns metrics off again)."""
     for (kind, key), original in list(_originals.items()):
         if kind == "encoder" and key in registry._encoders:
             registry._encoders[key] = registry._encoders[key]._replace(encoder=original)

@@ -33,7 +33,7 @@ TRACES_FILE = "traces.jsonl"
 MAX_QUEUE_SIZE = 65_536      # spans buffered per process before the batch processor drops any
 FLUSH_TIMEOUT_MS = 10_000
 
-_state: dict = {"provider": None, "role": None, "worker_hooks": False}
+_state: dict = {"provider": None, "worker_hooks": False}
 
 
 # --- setup -------------------------------------------------------------------------------------------------------------
@@ -123,7 +123,6 @@ def instrument_result_backend(app, provider) -> None:
     plus the one this thread may already have."""
     try:
         from celery.backends.redis import RedisBackend
-        from opentelemetry.instrumentation.redis import RedisInstrumentor
     except ImportError:
         return
     if not getattr(RedisBackend._create_client, "__loadlab_traced__", False):
@@ -131,7 +130,7 @@ def instrument_result_backend(app, provider) -> None:
 
         def _create_client(self, *args, **kwargs):
             client = create_client(self, *args, **kwargs)
-            RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+            trace_client_in_traces(client, provider)
             return client
 
         _create_client.__loadlab_traced__ = True
@@ -141,8 +140,32 @@ def instrument_result_backend(app, provider) -> None:
     except Exception:  # noqa: BLE001 - a backend that cannot be built now fails later, where it is used
         return
     client = backend.__dict__.get("client") if isinstance(backend, RedisBackend) else None
-    if client is not None and not getattr(client, "_is_instrumented_by_opentelemetry", False):  # built before the patch
-        RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+    if client is not None:  # built before the patch
+        trace_client_in_traces(client, provider)
+
+
+def trace_client_in_traces(client, provider) -> None:
+    """The contrib Redis instrumentation on one client, used only inside a recording span: a command outside any
+    trace (or in an unsampled one) goes straight to Redis instead of through a non-recording span, the tracing
+    cost of every unsampled task under ``--tracing sampled``."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    if getattr(client, "_is_instrumented_by_opentelemetry", False):
+        return
+    plain_execute, plain_pipeline = client.execute_command, client.pipeline
+    RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+    traced_execute, traced_pipeline = client.execute_command, client.pipeline
+    current_span = trace.get_current_span
+
+    def execute_command(*args, **kwargs):
+        return (traced_execute if current_span().is_recording() else plain_execute)(*args, **kwargs)
+
+    def pipeline(*args, **kwargs):
+        return (traced_pipeline if current_span().is_recording() else plain_pipeline)(*args, **kwargs)
+
+    client.execute_command = execute_command
+    client.pipeline = pipeline
 
 
 def instrument_api(api, settings) -> None:
@@ -153,11 +176,6 @@ def instrument_api(api, settings) -> None:
 
     FastAPIInstrumentor.instrument_app(api, tracer_provider=_state["provider"], excluded_urls="healthz,metrics",
                                        exclude_spans=["receive", "send"])
-
-
-def flush(timeout_ms: int = FLUSH_TIMEOUT_MS) -> bool:
-    provider = _state["provider"]
-    return provider.force_flush(timeout_ms) if provider is not None else True
 
 
 # --- worker hooks ------------------------------------------------------------------------------------------------------

@@ -62,22 +62,6 @@ def install(settings) -> None:
     signals.worker_shutdown.connect(_worker_shutdown, weak=False, dispatch_uid="loadlab-metrics-worker-shutdown")
 
 
-def uninstall() -> None:
-    """Disconnect every handler (benchmarks compare instrumented and bare producers in one process)."""
-    for signal, uid in ((signals.before_task_publish, "loadlab-metrics-before-publish"),
-                        (signals.after_task_publish, "loadlab-metrics-after-publish"),
-                        (signals.task_received, "loadlab-metrics-received"),
-                        (signals.task_prerun, "loadlab-metrics-prerun"),
-                        (signals.task_postrun, "loadlab-metrics-postrun"),
-                        (signals.task_rejected, "loadlab-metrics-rejected"),
-                        (signals.task_revoked, "loadlab-metrics-revoked"),
-                        (signals.worker_init, "loadlab-metrics-worker-init"),
-                        (signals.worker_process_init, "loadlab-metrics-process-init"),
-                        (signals.worker_shutdown, "loadlab-metrics-worker-shutdown")):
-        signal.disconnect(dispatch_uid=uid)
-    _state["installed"] = False
-
-
 def _instruments_for(task: str, queue: str) -> tuple:
     bound = _per_task.get((task, queue))
     if bound is None:
@@ -244,7 +228,3 @@ def write_port_file(run_dir: Path, name: str, kind: str, port: int, host: str, *
                                "pid": os.getpid(), **extra}))
     tmp.replace(path)  # readers never see half a file
     return path
-
-
-def metrics_directory() -> str | None:
-    return _state["directory"]

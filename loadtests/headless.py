@@ -59,10 +59,14 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     chaos = prometheus = None
     try:
         if settings.prometheus:  # after serve(): the load generator's own endpoint is a target too
-            from dashboards.prometheus_runner import RunPrometheus
+            from dashboards.prometheus_runner import PrometheusError, RunPrometheus
 
-            with console.status("starting Prometheus (every endpoint scraped each second)…"):
-                prometheus = RunPrometheus(run_dir, stack).start()
+            try:
+                with console.status("starting Prometheus (every endpoint scraped each second)…"):
+                    prometheus = RunPrometheus(run_dir, stack).start()
+            except PrometheusError as exc:
+                console.print(f"[bold red]error:[/] {exc}")
+                return EXIT_FAILED
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False) as progress:
             bar = progress.add_task(f"load ({load.users} users, {load.duration_s:g}s)", total=1.0, detail="")

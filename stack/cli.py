@@ -170,13 +170,16 @@ def up(out, **options):
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
-@_settings_options(["prometheus"])
-def run(scenario, out, gates_file, baseline, **options):
+@click.option("--prometheus/--no-prometheus", "with_prometheus", default=None,
+              help="Run Debian's Prometheus beside the run (every endpoint scraped each second, alert rules "
+                   "evaluated), its TSDB kept in RUN_DIR/prometheus/ for `loadlab dashboards render` "
+                   "(env LOADLAB_PROMETHEUS)")
+def run(scenario, out, gates_file, baseline, with_prometheus, **options):
     """Start the stack, run a headless Locust scenario, drain, write the run directory, stop the stack."""
     from loadtests.scenarios import get_scenario
     from loadtests.headless import execute_run
 
-    settings = _build_settings(scenario=scenario, **options)
+    settings = _build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
     rules = None
     if gates_file:
@@ -554,6 +557,37 @@ def dashboards_check():
     if problems:
         sys.exit(EXIT_FAILED)
     console.print("dashboards and alert rules are up to date and every query parses")
+
+
+@dashboards.command("render")
+@click.argument("run_dir")
+@click.option("--out", default=None, help="Directory for the pages (default RUN_DIR/dashboards/)")
+@click.option("--strict", is_flag=True, help="Exit 1 when a panel has no data or a query fails")
+def dashboards_render(run_dir, out, strict):
+    """Draw every dashboard panel from the Prometheus data of a `loadlab run --prometheus` run, as self-contained
+    HTML pages (RUN_DIR/dashboards/<uid>.html), for review without Grafana."""
+    from dashboards.prometheus_runner import PrometheusError, PrometheusMissing, StoredRunError
+    from dashboards.render import render_run
+
+    try:
+        with console.status("rendering dashboards from the run's Prometheus data…") as status:
+            rendered = render_run(Path(run_dir), Path(out) if out else None,
+                                  progress=lambda title: status.update(f"rendering {title}…"))
+    except (StoredRunError, PrometheusMissing) as exc:
+        raise UsageError(str(exc)) from None
+    except PrometheusError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(EXIT_FAILED)
+    for uid, path in rendered.pages.items():
+        panels = rendered.panels[uid]
+        console.print(f"wrote {path}  ({sum(1 for p in panels if p.points)}/{len(panels)} panels with data)")
+    for uid, title in rendered.empty:
+        err_console.print(f"[yellow]no data:[/] {uid}: {title}")
+    for error in rendered.errors:
+        err_console.print(f"[red]query failed:[/] {error}")
+    console.print(f"index: {rendered.index}")
+    if strict and (rendered.empty or rendered.errors):
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

@@ -70,8 +70,14 @@ def test_status_of_a_non_uuid_is_422(client):
 
 
 def test_openapi_and_healthz(client):
+    from stack.tasks import TASK_ARGS
+
     spec = client.get("/openapi.json").json()
-    assert "/tasks/{name}" in spec["paths"] and "/healthz" in spec["paths"]
+    assert {f"/tasks/{name}" for name in TASK_ARGS} | {"/tasks/{task_id}", "/healthz"} == set(spec["paths"])
+    submit_cpu = spec["paths"]["/tasks/cpu"]["post"]
+    assert submit_cpu["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CpuArgs"}
+    assert spec["components"]["schemas"]["CpuArgs"]["additionalProperties"] is False
+    assert submit_cpu["responses"]["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert client.get("/healthz").json() == {"status": "ok", "broker": "ok", "backend": "ok"}
 
 

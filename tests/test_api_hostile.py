@@ -54,9 +54,12 @@ def _raw(api_url: str, request: bytes, timeout: float = 15) -> bytes:
         try:
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
+        except OSError:  # reset, broken pipe, or not connected any more: the server already answered and closed
+            pass
+        try:
             while chunk := sock.recv(65536):
                 received += chunk
-        except (ConnectionResetError, BrokenPipeError):
+        except ConnectionResetError:
             pass
     return received
 
