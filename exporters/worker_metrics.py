@@ -37,6 +37,7 @@ from reports.ledger import HEADER_ATTEMPT_SENT_AT
 log = logging.getLogger("loadlab.metrics")
 
 MAIN_SLOT = "main"
+DIRECTORY_PREFIX = "loadlab-metrics-"
 UNKNOWN = "unknown"
 
 _state = {"installed": False, "directory": None, "owns_directory": False, "server": None}
@@ -162,13 +163,24 @@ def _worker_init(sender=None, **_):
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, exist_ok=True)
     else:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        directory = tempfile.mkdtemp(prefix="loadlab-metrics-", dir=base)
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        _remove_orphaned_directories(base)
+        directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-", dir=base)
         _state["owns_directory"] = True
     _state["directory"] = directory
     STORE.attach(directory, MAIN_SLOT)
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     _state["server"] = serve(directory, _state["settings"], hostname)
+
+
+def _remove_orphaned_directories(base: str) -> None:
+    """Directories of workers that were killed (no warm shutdown to remove them): their pid is in the name."""
+    for entry in os.scandir(base):
+        if not entry.name.startswith(DIRECTORY_PREFIX):
+            continue
+        pid = entry.name[len(DIRECTORY_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _worker_process_init(**_):

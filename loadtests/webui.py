@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 import socket
 import sys
 import time
@@ -305,13 +304,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def _interrupt_main_greenlet_on_sigint() -> None:
-    """Python raises KeyboardInterrupt in whichever greenlet runs when SIGINT lands (often the recorder's or a
-    Locust user's, which then just dies); deliver it to the main greenlet instead, which stops everything."""
-    main_greenlet = gevent.getcurrent()
-    gevent.signal_handler(signal.SIGINT, lambda: main_greenlet.throw(KeyboardInterrupt()))
-
-
 def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     """Stack up, web UI on 127.0.0.1:web_port with the Celery tab; blocks until Ctrl-C/SIGTERM, then stops the load,
     closes the recorder and stops every process of the stack."""
@@ -324,7 +316,6 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     # Locust's web UI parses sys.argv with its own parser on every page load (the "custom parameters" of its
     # form): loadlab's flags would make that parser exit, so the process shows it no arguments.
     sys.argv[1:] = []
-    _interrupt_main_greenlet_on_sigint()
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     try:
         with console.status("starting the stack (broker, workers, producer API)…"):

@@ -37,6 +37,8 @@ def test_flaky_tasks_show_retries(smoke_run):
     # retried attempts add up: (attempts - 1) summed over tasks is the number of retries
     assert sum((int(k) - 1) * n for k, n in retries["attempts"].items()) <= report["tasks"]["retried"]
     assert retries["backoff_observed_s"]["max"] > 0
+    # in the smoke mix only the flaky task can fail, and only by exhausting its retries
+    assert retries["exhausted"] == report["tasks"]["failed"]
 
 
 def test_run_directory_is_complete(smoke_run):
