@@ -13,8 +13,8 @@ cumulative totals its predecessor left there, so the directory holds at most ``c
 kind, whatever the recycling, and nothing is lost when a child exits: each update is already in the shared mapping
 (no delta to ship at exit, nothing to compact, ``mark_process_dead`` not needed — there are no live gauges). Billiard
 starts a slot's replacement only after the previous child has exited, so one slot never has two writers. The
-directory is a fresh ``mkdtemp`` per worker start (wiped by construction), or ``PROMETHEUS_MULTIPROC_DIR`` emptied
-at start when that is set.
+directory is a fresh ``mkdtemp`` per worker start (wiped by construction; the directories of killed workers are
+removed at the next start), or ``PROMETHEUS_MULTIPROC_DIR`` emptied at start when that is set.
 
 Queue wait needs the publish time: instrumented producers stamp ``loadlab_attempt_sent_at`` (the ledger's header)
 on every publish, retries included.

@@ -211,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise ApiError(413, f"The body is over the limit of {limit} bytes.")
             chunks.append(chunk)
         raw = b"".join(chunks)
-        if not raw.strip():
+        if not raw:  # no body: all defaults (whitespace alone is malformed JSON, refused below)
             return {}
         check_json_content_type(request)
         data = parse_json_body(raw)
