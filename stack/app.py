@@ -31,7 +31,12 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_timeout": 2.0,
         "broker_transport_options": {"socket_connect_timeout": 2, "socket_timeout": 10, "max_retries": 1,
                                      "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
-                                     "visibility_timeout": settings.visibility_timeout_s},
+                                     "visibility_timeout": settings.visibility_timeout_s,
+                                     # kombu sweeps for unacknowledged tasks every interval x throttle seconds
+                                     # (10 x 10 by default): with a short visibility timeout a dead worker's tasks
+                                     # would otherwise wait 100 s; a sweep is one ZRANGE on a small sorted set
+                                     "unacked_restore_interval": restore_sweep_interval_s(settings),
+                                     "unacked_restore_throttle": 1},
         "redis_socket_connect_timeout": 2,
         "redis_socket_timeout": 10,
         "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
@@ -41,6 +46,12 @@ def celery_config(settings: Settings) -> dict:
         "broker_pool_limit": 64,
         "database_engine_options": {"pool_pre_ping": True},
     }
+
+
+def restore_sweep_interval_s(settings: Settings) -> int:
+    """Seconds between kombu's sweeps for unacknowledged Redis messages: a quarter of the visibility timeout, 1..10 s,
+    so a task left by a killed worker is redelivered at most ~1.25 visibility timeouts after its delivery."""
+    return max(1, min(10, settings.visibility_timeout_s // 4))
 
 
 def make_app(settings: Settings | None = None, role: str = "producer") -> Celery:

@@ -12,7 +12,8 @@ from stack.settings import parse_duration, SettingsError
 
 FAULTS = {
     "kill-worker-child": "SIGKILL one pool process of worker 1 (mid-task under load); the pool replaces it",
-    "kill-worker": "SIGKILL worker 1 and its pool; the stack starts it again",
+    "kill-worker": "SIGKILL worker 1 and its pool (on Redis: frozen first with the broker's writes paused, so the "
+                   "kill cannot race a delivery); the stack starts it again",
     "restart-broker": "SIGKILL the embedded Redis broker and start it again on the same port",
     "restart-api": "SIGKILL the producer API and start it again",
     "kill-exporter": "SIGKILL the exporter service and start it again",
@@ -101,6 +102,73 @@ def _pool_children(pid: int) -> list[int]:
         return []
 
 
+def _broker_sockets(pids: list[int], broker_port: int) -> dict[int, int]:
+    """Local port -> bytes waiting unread, for each TCP connection of ``pids`` to ``broker_port`` (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local, remote, queues, inode = cols[1], cols[2], cols[4], cols[9]
+            if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == broker_port:
+                sockets[int(local.rsplit(":", 1)[1], 16)] = int(queues.split(":")[1], 16)
+    return sockets
+
+
+def _crash_worker_at_rest(worker, broker_url: str) -> str:
+    """Freezes worker 1 (SIGSTOP) while the Redis broker holds writes (CLIENT PAUSE WRITE: no push can wake a BRPOP)
+    and no broker reply waits unread in its sockets, then has the broker drop its connections, so the SIGKILL that
+    follows cannot race a delivery. Publishers wait a few milliseconds; nothing they send is lost.
+
+    Why: the kernel closes a killed process's sockets only after freeing its memory (milliseconds for a Celery
+    worker); meanwhile Redis still serves the dead client's BRPOP and the message it pops is gone. That race is
+    kombu's Redis in-transit gap, reported as its own bound; the fault itself is the crash of a worker holding tasks."""
+    from urllib.parse import urlparse
+
+    import redis
+
+    pids = [worker.pid, *_pool_children(worker.pid)]
+    client = redis.Redis.from_url(broker_url, socket_timeout=2)
+    try:
+        for _ in range(50):
+            client.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # expires by itself if loadlab dies here
+            os.killpg(worker.pid, signal.SIGSTOP)
+            sockets = _broker_sockets(pids, urlparse(broker_url).port or 6379)
+            held = [c for c in client.client_list() if int(c["addr"].rsplit(":", 1)[1]) in sockets
+                    and "b" in c["flags"] and c["cmd"] != "brpop"]
+            if not any(sockets.values()) and not held:
+                break
+            # a reply landed before the pause, or the worker's write recording it as unacknowledged is held by the
+            # pause: let the worker finish recording it, then try again
+            os.killpg(worker.pid, signal.SIGCONT)
+            client.execute_command("CLIENT", "UNPAUSE")
+            time.sleep(0.005)
+        try:
+            for entry in client.client_list():
+                if int(entry["addr"].rsplit(":", 1)[1]) in sockets:
+                    try:
+                        client.client_kill_filter(_id=entry["id"])
+                    except redis.ResponseError:
+                        pass  # already gone
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        client.close()
+    return f"froze it, had the broker drop its {len(sockets)} connections, "
+
+
 def apply(fault: Fault, stack, log=print) -> None:
     """Applies one fault to a running ``stack.supervisor.Stack`` and waits until the stack is whole again."""
     started = time.monotonic()
@@ -114,9 +182,12 @@ def apply(fault: Fault, stack, log=print) -> None:
             os.kill(children[0], signal.SIGKILL)
             fault.detail = f"killed pool process {children[0]} of {worker.name}"
     elif fault.kind == "kill-worker":
+        how = ""
+        if stack.settings.broker.startswith(("redis://", "rediss://")):
+            how = _crash_worker_at_rest(stack.workers[0], stack.settings.broker)
         stack.restart(stack.workers[0])
         stack.wait_worker(1)
-        fault.detail = f"killed and restarted {stack.workers[0].name}"
+        fault.detail = f"{how}killed and restarted {stack.workers[0].name}"
     elif fault.kind == "restart-broker":
         if stack.redis is None:
             fault.detail = "the broker is external: loadlab cannot restart it (skipped)"

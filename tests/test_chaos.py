@@ -1,6 +1,7 @@
 """Fault injection with task accounting: for each fault and the settings that promise something about it, the
 report's lost count meets the promise (0 where promised) and the ledger adds up."""
 import json
+import re
 
 import pytest
 
@@ -57,3 +58,22 @@ def test_bad_plans_are_refused(plan, words):
         parse_plan(plan)
     for word in words:
         assert word in str(info.value)
+
+
+def test_killed_worker_holding_tasks_loses_none_with_acks_late(run_dir):
+    """A saturated worker holds running and prefetched tasks when it is SIGKILLed: with acks_late they come back
+    after the visibility timeout (kombu's sweep runs often enough for it) and the drain sees every one finish."""
+    out = run_dir / "held"
+    result = run_cli("run", "saturate", "--duration", "10s", "--workers", "1", "--acks-late",
+                     "--visibility-timeout-s", "3", "--chaos", "kill-worker@4s", "--drain-timeout-s", "30",
+                     "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"]["lost"] == 0 and report["drain"]["completed"], report["drain"]
+    assert report["tasks"]["submitted"] == report["tasks"]["succeeded"] + report["tasks"]["failed"]
+    # the killed worker really held tasks: received by its first life, never finished by it
+    log = (out / "logs" / "worker1.log").read_text()
+    first_life = log.split(" ready.", 2)[1]
+    received = set(re.findall(r"\[([0-9a-f-]{36})\] received", first_life))
+    finished = set(re.findall(r"\[([0-9a-f-]{36})\] (?:succeeded|failed|retry)", first_life))
+    assert received - finished, "the worker held no task when it was killed"
