@@ -1,7 +1,7 @@
 """``loadlab bench overhead``: what loadlab's own instrumentation costs the stack it measures.
 
-The same no-op workload on four configurations, interleaved A B C D, A B C D, … (each run on a fresh stack, so no run
-inherits another's warm caches or leftovers):
+The same no-op workload on four configurations, interleaved and rotated A B C D, B C D A, … (each run on a fresh
+stack, so no run inherits another's warm caches or leftovers; the rotation gives no configuration a fixed position):
 
 - ``bare``: metrics off, tracing off (the task ledger, which every loadlab run needs, is on in all four);
 - ``metrics``: the default instrumentation (metrics on, tracing off), exporter service included;
@@ -140,6 +140,14 @@ def run_once(base, name: str, metrics: str, tracing: str, run_dir: Path, args) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def rotated(configs: tuple, round_index: int) -> list:
+    """Round r runs the configurations starting at the r-th (A B C D, B C D A, …): over len(configs) rounds each
+    takes every position once, so a position effect (the first run after a teardown, a warming machine) does not
+    land on one configuration."""
+    shift = round_index % len(configs)
+    return [*configs[shift:], *configs[:shift]]
+
+
 def bench(args) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -153,7 +161,7 @@ def bench(args) -> dict:
     results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
     started = time.monotonic()
     for round_index in range(args.rounds):
-        for name, metrics, tracing in CONFIGS:
+        for name, metrics, tracing in rotated(CONFIGS, round_index):
             run_dir = out / f"r{round_index + 1}-{name.replace(' ', '-').replace('+', '-')}"
             with console.status(f"round {round_index + 1}/{args.rounds}: {name}…"):
                 result = run_once(base, name, metrics, tracing, run_dir, args)

@@ -29,7 +29,8 @@ class _InFlight:
         return []
 
     def collect(self):
-        yield GaugeMetricFamily(TASKS_IN_FLIGHT.name, TASKS_IN_FLIGHT.help, value=self.recorder.outstanding)
+        if self.recorder is not None:  # a Locust worker (or a master before its first test) follows no ledger
+            yield GaugeMetricFamily(TASKS_IN_FLIGHT.name, TASKS_IN_FLIGHT.help, value=self.recorder.outstanding)
 
 
 def observe_completions(settings, listener: Listener | None = None) -> Listener | None:
@@ -47,8 +48,10 @@ def observe_completions(settings, listener: Listener | None = None) -> Listener 
     return on_completion
 
 
-def serve(settings, recorder) -> str | None:
-    """Expose this process's metrics (and the recorder's in-flight count); returns the /metrics URL."""
+def serve(settings, recorder=None, *, register: bool = True) -> str | None:
+    """Expose this process's metrics (and the recorder's in-flight count, when it follows the ledger); returns the
+    /metrics URL. Called again with a recorder, it follows that one. ``register=False`` (Locust worker processes,
+    stopped before a run's final scrape) leaves out ``ports/loadgen.json``: they are scraped live, by Prometheus."""
     if settings.metrics != "on":
         return None
     register_store()
@@ -68,7 +71,7 @@ def serve(settings, recorder) -> str | None:
         _served["server"] = server
     from exporters.worker_metrics import write_port_file
 
-    if settings.run_dir:
+    if settings.run_dir and register:
         write_port_file(Path(settings.run_dir), "loadgen", "loadgen", server.server_port, settings.metrics_host)
     host = "127.0.0.1" if settings.metrics_host in ("", "0.0.0.0", "::") else settings.metrics_host
     return f"http://{host}:{server.server_port}/metrics"

@@ -8,6 +8,7 @@ is set, the master (or the single local process) follows the run's ledger and fi
 from locust import events
 from locust.runners import WorkerRunner
 
+from exporters import loadgen_metrics
 from loadtests.runner import completion_listener
 from loadtests.scenarios import get_scenario
 from loadtests.users import build_user_classes
@@ -20,6 +21,14 @@ for _user_class in build_user_classes(settings, scenario):
 del _user_class  # else Locust finds the last class twice
 _recorder = None
 _monitor = None
+
+
+@events.init.add_listener
+def _serve_metrics(environment, **_):
+    """Every Locust process (master, workers, a single local one) serves its producer metrics with ``--metrics on``:
+    what it sent and its encode cost; the one following the ledger adds end-to-end latency and tasks in flight.
+    The compose file's Prometheus scrapes them on LOADLAB_METRICS_PORT."""
+    loadgen_metrics.serve(settings, register=not isinstance(environment.runner, WorkerRunner))
 
 
 @events.init.add_listener
@@ -41,7 +50,9 @@ def _follow_ledger(environment, **_):
         from reports.recorder import Recorder
 
         _recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
-                             on_completion=completion_listener(environment)).start()
+                             on_completion=loadgen_metrics.observe_completions(
+                                 settings, completion_listener(environment))).start()
+        loadgen_metrics.serve(settings, _recorder)
 
 
 @events.quitting.add_listener
