@@ -65,7 +65,9 @@ run_options = _settings_options(RUN_FIELDS)
 
 def _build_settings(**given) -> Settings:
     try:
-        return Settings.build(**given)
+        settings = Settings.build(**given)
+        settings.check_ports_free()
+        return settings
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
 

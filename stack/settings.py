@@ -18,6 +18,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SETTINGS_ENV = "LOADLAB_SETTINGS_JSON"
+# LOADLAB_* variables that are not settings: the settings hand-off to children, the compose file's publish address,
+# and the test suite's switches. Any other LOADLAB_* name that is not a setting is a typo, refused up front.
+OTHER_VARIABLES = {SETTINGS_ENV, "LOADLAB_PUBLISH_ADDR", "LOADLAB_REQUIRE_SERVICES", "LOADLAB_ARTIFACTS_DIR"}
 
 Serializer = Literal["json", "msgpack", "yaml", "pickle"]
 Compression = Literal["none", "zlib", "bzip2", "lzma", "zstd"]
@@ -220,6 +223,7 @@ class Settings(BaseSettings):
     def build(cls, **overrides) -> "Settings":
         """Defaults <- LOADLAB_* environment <- ``overrides`` (None means: not given). Raises SettingsError."""
         given = {k: v for k, v in overrides.items() if v is not None}
+        check_variable_names(os.environ)
         try:
             return cls(**given)
         except ValidationError as exc:
@@ -232,6 +236,31 @@ class Settings(BaseSettings):
         if raw:
             return cls.model_validate(json.loads(raw))
         return cls.build()
+
+    def check_ports_free(self) -> None:
+        """Ports given explicitly (--api-port, --flower-port) are tried before anything starts, so a port in use is a
+        usage error up front instead of a process that dies half-way through the stack's start. Raises
+        SettingsError."""
+        import errno
+        import socket
+
+        wanted = [("--api-port", self.api_host, self.api_port)]
+        if self.flower:
+            wanted.append(("--flower-port", "127.0.0.1", self.flower_port))
+        for option, host, port in wanted:
+            if not port:
+                continue
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # as the servers do: a port left in TIME_WAIT is free to them, only a listener makes it taken
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    raise SettingsError(f"{option} {port} is already in use on {host}; stop what listens there, "
+                                        "pick another port, or give 0 for a free one.") from None
 
     def child_env(self, **updates) -> dict[str, str]:
         """Environment for a child process carrying these settings."""
@@ -290,6 +319,21 @@ def _accepted(field: str) -> str:
     if info.default is not None:
         text += f" (default {_number(info.default) if isinstance(info.default, (int, float)) else info.default})"
     return text
+
+
+def check_variable_names(environ: typing.Mapping[str, str]) -> None:
+    """A misspelled LOADLAB_* variable would silently leave its setting at the default: refuse it, naming the
+    closest setting."""
+    import difflib
+
+    known = {f"LOADLAB_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    for name in sorted(environ):
+        if name.startswith("LOADLAB_") and name not in known:
+            suffixes = [field.upper() for field in Settings.model_fields]
+            close = difflib.get_close_matches(name[len("LOADLAB_"):], suffixes, n=1, cutoff=0.75)
+            hint = f" (did you mean LOADLAB_{close[0]}?)" if close else ""
+            raise SettingsError(f"environment variable {name} is not a loadlab setting{hint}; correct or unset it: "
+                                "the variables are LOADLAB_ plus an option's name, e.g. LOADLAB_WORKERS for --workers.")
 
 
 def explain(exc: ValidationError, flags: typing.Iterable[str] | None = None) -> str:

@@ -261,3 +261,31 @@ def test_the_real_command_refuses_bad_values_in_parallel_and_leaves_nothing(tmp_
             assert word in message, (name, word, message)
         assert not (tmp_path / name).exists()
     assert not processes_mentioning(str(tmp_path))
+
+
+def test_misspelled_environment_variables_are_refused_naming_the_setting(tmp_path):
+    """A typo in a LOADLAB_* name would leave its setting at the default without a word: it is refused instead."""
+    typo, unknown = run_batch([
+        (["run", "--out", str(tmp_path / "typo")], {"LOADLAB_WORKRS": "3"}),
+        (["up", "--out", str(tmp_path / "unknown")], {"LOADLAB_XYZZY": "1"}),
+    ])
+    _assert_one_sentence(typo, "LOADLAB_WORKRS", "did you mean LOADLAB_WORKERS?")
+    message = _assert_one_sentence(unknown, "LOADLAB_XYZZY", "not a loadlab setting")
+    assert "did you mean" not in message  # no far-fetched suggestion
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "unknown").exists()
+
+
+def test_an_explicit_port_in_use_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        api, flower = run_batch([
+            (["run", "--api-port", str(port), "--out", str(tmp_path / "api")], {}),
+            (["up", "--flower", "--flower-port", str(port), "--out", str(tmp_path / "flower")], {}),
+        ])
+    _assert_one_sentence(api, "--api-port", str(port), "in use")
+    _assert_one_sentence(flower, "--flower-port", str(port), "in use")
+    assert not (tmp_path / "api").exists() and not (tmp_path / "flower").exists()
