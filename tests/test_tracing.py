@@ -166,3 +166,30 @@ def test_one_api_submit_is_one_trace_through_api_publish_run_and_result_store(tr
     stores = [s for s in trace if s["kind"] == CLIENT and s.get("parentSpanId") == run["spanId"]]
     assert stores and all(s["attrs"]["db.system"] == "redis" for s in stores)
     assert len({s["traceId"] for s in trace}) == 1
+
+
+def test_write_through_processor_batches_flushes_idle_buffers_and_never_duplicates_across_fork(tmp_path):
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    path = tmp_path / "traces.jsonl"
+    processor = tracing.JsonLinesSpanProcessor(tracing.JsonLinesSpanExporter(path))
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}), shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    for i in range(processor.MAX_LINES):  # a full batch is written at once, by the thread that ended the span
+        tracer.start_span(f"full{i}").end()
+    assert len(read_spans(path)) == processor.MAX_LINES
+    tracer.start_span("buffered").end()  # below the batch size: written by the timer once it is stale
+    pid = os.fork()
+    if pid == 0:  # a forked child ends its own span and flushes: the parent's buffered span is not its to write
+        try:
+            tracer.start_span("child").end()
+            processor.force_flush()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    names = wait_until(lambda: Counter(s["name"] for s in read_spans(path)) if len(read_spans(path)) ==
+                       processor.MAX_LINES + 2 else None, timeout=5 * processor.MAX_DELAY_S, what="the idle flush")
+    assert names["buffered"] == 1 and names["child"] == 1
+    processor.shutdown()
