@@ -60,11 +60,13 @@ def usl_section(points: list[dict]) -> dict:
             "predictions": predictions}
 
 
+SHARE_MEASURED, SHARE_OFFLINE = "measured", "offline_estimate"
+
+
 def run_serialization_inband(base: Settings, out: Path, console: Console, *, serializers: list[str],
                              sizes: list[int], shape: str, offline_rows: list[dict]) -> list[dict]:
     """One real run per serializer and payload size (payload task echoing its body): throughput, end-to-end latency,
-    and the share of it that serializing costs (request and result each encoded once and decoded once, at the
-    offline matrix's uncompressed p50 for that serializer, shape and size)."""
+    and the share of it spent serializing (see :func:`inband_row`)."""
     from loadtests.scenarios import Scenario, TaskChoice
 
     rows = []
@@ -78,18 +80,51 @@ def run_serialization_inband(base: Settings, out: Path, console: Console, *, ser
         report = _point_run_scenario(settings, out / "inband" / label, console, scenario)
         if report is None:
             raise RuntimeError(f"in-band run {label} did not run; see {out / 'inband' / label}")
-        e2e = report["latency_ms"]["end_to_end"]
+        rows.append({**inband_row(report, serializer, size, shape, offline_rows), "run_dir": f"inband/{label}"})
+    return rows
+
+
+def inband_row(report: dict, serializer: str, size: int, shape: str, offline_rows: list[dict]) -> dict:
+    """One in-band run's row. The share of end-to-end time spent serializing is
+    ``serialization_ms_per_task / end_to_end_mean_ms`` — against the **mean** end-to-end latency, for both sources,
+    so that it is the share of all tasks' end-to-end time (sum of serializing time / sum of end-to-end time).
+
+    ``serialization_share_source`` says where the numerator comes from:
+
+    * ``measured`` (metrics on): the run's own ``celery_task_serialization_seconds`` histograms of ``serializer``
+      (encode in the producer; decode in the worker, where Celery decodes a task message in the main process and
+      again in the pool child; the result's encode; result decodes wherever results are read), summed over every
+      process's final scrape: their ``_sum`` (encode + decode seconds) / tasks submitted. A fresh worker's first
+      decodes carry one-off costs (lazy imports), which weigh on short runs;
+    * ``offline_estimate`` (the run had metrics off, or its histograms counted nothing): the offline matrix's
+      uncompressed p50s for this serializer, shape and size, the request and the result each encoded and decoded
+      once: 2 × (encode p50 + decode p50).
+    """
+    e2e = report["latency_ms"]["end_to_end"]
+    tasks = report["tasks"]["submitted"]
+    measured = ((report.get("serialization_measured") or {}).get("by_serializer") or {}).get(serializer) or {}
+    encode, decode = measured.get("encode") or {}, measured.get("decode") or {}
+    per_task_ms = source = None
+    per_task = {"encodes_per_task": None, "decodes_per_task": None, "message_bytes_per_task": None}
+    if tasks and (encode.get("count") or decode.get("count")):
+        per_task_ms = round((encode.get("seconds", 0.0) + decode.get("seconds", 0.0)) / tasks * 1000, 6)
+        source = SHARE_MEASURED
+        per_task = {"encodes_per_task": round(encode.get("count", 0) / tasks, 3),
+                    "decodes_per_task": round(decode.get("count", 0) / tasks, 3),
+                    "message_bytes_per_task": round((encode.get("bytes", 0) + decode.get("bytes", 0)) / tasks, 1)}
+    else:
         offline = next((r for r in offline_rows if r["serializer"] == serializer and r["compression"] == "none"
                         and r.get("shape") == shape and r["payload_bytes"] == size), None)
-        share = None
-        if offline and e2e["p50"]:
-            serializing_ms = 2 * (offline["encode_us"]["p50"] + offline["decode_us"]["p50"]) / 1000
-            share = round(serializing_ms / e2e["p50"], 4)
-        rows.append({"serializer": serializer, "payload_bytes": size, "shape": shape,
-                     "completed_per_s": report["throughput"]["completed_per_s"],
-                     "end_to_end_p50_ms": e2e["p50"], "end_to_end_p95_ms": e2e["p95"],
-                     "serialization_share": share, "run_dir": f"inband/{label}"})
-    return rows
+        if offline:
+            per_task_ms = round(2 * (offline["encode_us"]["p50"] + offline["decode_us"]["p50"]) / 1000, 6)
+            source = SHARE_OFFLINE
+    share = round(per_task_ms / e2e["mean"], 4) if per_task_ms is not None and e2e["mean"] else None
+    return {"serializer": serializer, "payload_bytes": size, "shape": shape,
+            "completed_per_s": report["throughput"]["completed_per_s"],
+            "end_to_end_p50_ms": e2e["p50"], "end_to_end_p95_ms": e2e["p95"], "end_to_end_mean_ms": e2e["mean"],
+            "serialization_ms_per_task": per_task_ms, **per_task,
+            "serialization_share": share, "serialization_share_source": source,
+            "metrics": report.get("settings", {}).get("metrics")}
 
 
 def _point_run_scenario(settings: Settings, run_dir: Path, console: Console, scenario) -> dict | None:

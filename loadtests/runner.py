@@ -115,12 +115,14 @@ class LocustRun:
                 if tick is not None:
                     tick(1 - (end - time.monotonic()) / self.duration_s, self.stats())
         finally:
+            # the load stops here: no user starts another task. Users finishing the one they are in (an API user's
+            # status polls, up to STOP_TIMEOUT_S) do not stretch the load's duration, or rates would be understated.
+            self.stopped_at = time.time()
             runner.stop()
             if self.worker_children:
                 self._collect_final_worker_stats()
             else:  # stop() lets users finish their task in the background: their last requests count too
                 runner.user_greenlets.join(timeout=STOP_TIMEOUT_S + 1)
-            self.stopped_at = time.time()
             runner.quit()
             self._stop_workers()
             gevent.killall(greenlets)

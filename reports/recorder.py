@@ -54,6 +54,9 @@ class Bucket:
     failed: int = 0
     retried: int = 0
     end_to_end: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS, word_size=4))
+    # the broker's queue depth: the last sample taken in the bucket, and when it was taken (None: no sample)
+    queue_depth: int | None = None
+    queue_depth_at: float | None = None
 
     def merge(self, other: "Bucket") -> None:
         self.submitted += other.submitted
@@ -61,6 +64,12 @@ class Bucket:
         self.failed += other.failed
         self.retried += other.retried
         self.end_to_end.add(other.end_to_end)
+        if other.queue_depth_at is not None:
+            self.observe_queue_depth(other.queue_depth_at, other.queue_depth)
+
+    def observe_queue_depth(self, at: float, depth: int) -> None:
+        if self.queue_depth_at is None or at >= self.queue_depth_at:
+            self.queue_depth, self.queue_depth_at = depth, at
 
 
 class TimeSeries:
@@ -108,6 +117,7 @@ class TimeSeries:
                 "failed_per_s": round(b.failed / self.width, 3),
                 "retried_per_s": round(b.retried / self.width, 3),
                 "in_system": max(0, in_system),
+                "queue_depth": b.queue_depth,
                 "end_to_end_p50_ms": round(b.end_to_end.get_value_at_percentile(50) / 1000, 3) if count else None,
                 "end_to_end_p95_ms": round(b.end_to_end.get_value_at_percentile(95) / 1000, 3) if count else None,
             })
@@ -141,6 +151,7 @@ class Recorder:
         self.retrying: dict[str, list] = {}               # id -> retry chain while the task is retrying
         self.retry_chains: list[dict] = []
         self.series: TimeSeries | None = None
+        self._depth_before_series: tuple[float, int] | None = None  # the last queue sample before the first task
         self.first_sent_at: float | None = None
         self.last_finished_at: float | None = None
         self.pending_at_end: int | None = None
@@ -210,7 +221,20 @@ class Recorder:
     def _series(self, ts: float) -> Bucket:
         if self.series is None:
             self.series = TimeSeries(ts)
+            if self._depth_before_series is not None:  # the queue as it was when the first task went out
+                at, depth = self._depth_before_series
+                self.series.at(at).observe_queue_depth(at, depth)
         return self.series.at(ts)
+
+    def observe_queue_depth(self, at: float, depth: int) -> None:
+        """A sample of the broker's queue depth (ready messages) taken at ``at`` (epoch seconds); each time series
+        bucket keeps the last sample that fell in it. Before the first task there is no time axis yet: the latest
+        such sample goes to the first bucket once there is."""
+        with self._lock:
+            if self.series is None:
+                self._depth_before_series = (at, int(depth))
+            else:
+                self.series.at(at).observe_queue_depth(at, int(depth))
 
     def _sent(self, task_id, name, sent_at, publish_s, intended_at=None) -> None:
         self.counts["submitted"] += 1
@@ -325,9 +349,10 @@ class Recorder:
                     self._series(early[3]).submitted += 1
                 self._terminal(*early)
 
-    def mark_load_stopped(self) -> None:
+    def mark_load_stopped(self, at: float | None = None) -> None:
+        """The load stopped ``at`` (epoch seconds; now when not given): the drain starts."""
         self.poll(100_000)
-        self.load_stopped_at = time.time()
+        self.load_stopped_at = at or time.time()
         with self._lock:
             self.pending_at_end = len(self.pending)
 

@@ -34,38 +34,64 @@ def _pyplot():
     return plt
 
 
-def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None) -> str | None:
-    if load_stopped_s is not None and len(rows) > 1 and rows[-1]["t_s"] > load_stopped_s:
-        rows = rows[:-1]  # the last interval is cut short by the end of the drain: its rates would read low
+def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue: str | None = None) -> str | None:
+    """Four panels on one time axis: rates, tasks in the system (ledger), broker queue depth (sampled), latency."""
     if not rows:
         return None
+    # the rates and latencies end with the last bucket that saw a task; later buckets only hold queue samples
+    active = [i for i, r in enumerate(rows) if r["submitted_per_s"] or r["completed_per_s"] or r["failed_per_s"]
+              or r["retried_per_s"]]
+    rate_rows = rows[:active[-1] + 1] if active else rows
+    if load_stopped_s is not None and len(rate_rows) > 1 and rate_rows[-1]["t_s"] > load_stopped_s:
+        rate_rows = rate_rows[:-1]  # the last interval is cut short by the end of the drain: its rates would read low
     plt = _pyplot()
-    t = [r["t_s"] for r in rows]
-    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 6.6), sharex=True,
-                                              gridspec_kw={"height_ratios": [3, 2, 3]})
-    top.plot(t, [r["submitted_per_s"] for r in rows], label="submitted/s", color="#0969da")
-    top.plot(t, [r["completed_per_s"] for r in rows], label="completed/s", color="#1a7f37")
-    if any(r["failed_per_s"] for r in rows):
-        top.plot(t, [r["failed_per_s"] for r in rows], label="failed/s", color="#cf222e")
-    if any(r["retried_per_s"] for r in rows):
-        top.plot(t, [r["retried_per_s"] for r in rows], label="retried/s", color="#9a6700", linestyle="--")
+    from matplotlib.ticker import MaxNLocator
+
+    t = [r["t_s"] for r in rate_rows]
+    fig, (top, middle, depth, bottom) = plt.subplots(4, 1, figsize=(9, 8.4), sharex=True,
+                                                     gridspec_kw={"height_ratios": [3, 2, 2, 3]})
+    top.plot(t, [r["submitted_per_s"] for r in rate_rows], label="submitted/s", color="#0969da")
+    top.plot(t, [r["completed_per_s"] for r in rate_rows], label="completed/s", color="#1a7f37")
+    if any(r["failed_per_s"] for r in rate_rows):
+        top.plot(t, [r["failed_per_s"] for r in rate_rows], label="failed/s", color="#cf222e")
+    if any(r["retried_per_s"] for r in rate_rows):
+        top.plot(t, [r["retried_per_s"] for r in rate_rows], label="retried/s", color="#9a6700", linestyle="--")
     top.set_ylabel("tasks/s")
-    middle.fill_between(t, [r["in_system"] for r in rows], step="post", color="#8c959f", alpha=0.5,
-                        label="in system (queued + running)")
+    middle.fill_between(t, [r["in_system"] for r in rate_rows], step="post", color="#8c959f", alpha=0.5,
+                        label="in system: sent, not yet finished (task ledger)")
     middle.set_ylabel("tasks")
-    bottom.plot(t, [r["end_to_end_p50_ms"] for r in rows], label="end-to-end p50", color="#8250df")
-    bottom.plot(t, [r["end_to_end_p95_ms"] for r in rows], label="end-to-end p95", color="#bf3989")
+    sampled = [(r["t_s"], r["queue_depth"]) for r in rows if r.get("queue_depth") is not None]
+    where = f" '{queue}'" if queue else ""
+    if sampled:
+        xs, ys = [x for x, _ in sampled], [y for _, y in sampled]
+        depth.fill_between(xs, ys, step="post", color="#fb8f44", alpha=0.25)
+        depth.step(xs, ys, where="post", color="#bc4c00", linewidth=1.6, zorder=3,
+                   label=f"broker queue depth: ready messages in{where} (sampled ~1/s)")
+        peak = max(ys)
+        depth.set_ylim(bottom=0, top=max(1.0, peak * 1.3))
+        depth.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        depth.text(0.995, 0.93, f"peak {peak:,} · after the drain {ys[-1]:,}", transform=depth.transAxes,
+                   ha="right", va="top", fontsize=8, color="#bc4c00")
+    else:
+        depth.set_ylim(0, 1)
+        depth.text(0.5, 0.5, "no broker queue-depth samples in this report", transform=depth.transAxes,
+                   ha="center", va="center", fontsize=9, color="#57606a")
+    depth.set_ylabel("broker queue depth\n(messages)")
+    bottom.plot(t, [r["end_to_end_p50_ms"] for r in rate_rows], label="end-to-end p50", color="#8250df")
+    bottom.plot(t, [r["end_to_end_p95_ms"] for r in rate_rows], label="end-to-end p95", color="#bf3989")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds since the first task was sent")
-    for axis in (top, middle, bottom):
+    for axis in (top, middle, depth, bottom):
         if load_stopped_s is not None:
             axis.axvline(load_stopped_s, color="#57606a", linestyle=":", linewidth=1)
-        axis.legend(loc="upper left", fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="upper left", fontsize=8)
         axis.grid(alpha=0.3)
     if load_stopped_s is not None:
         top.annotate(" load stopped, drain →", (load_stopped_s, top.get_ylim()[1] * 0.9), fontsize=8,
                      color="#57606a")
-    fig.suptitle("Throughput, tasks in the system and latency over time", fontsize=11)
+    fig.suptitle("Throughput, tasks in the system, broker queue depth and latency over time", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98), h_pad=0.6)
     return _svg(fig)
 
 
@@ -157,6 +183,10 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _percent(share: float | None) -> str | None:
+    return None if share is None else f"{share * 100:.2f} %"
+
+
 def render_html(report: dict) -> str:
     tasks, lat, v = report["tasks"], report["latency_ms"], report.get("verdict", {"status": "pass", "problems": []})
     colour = VERDICT_COLOURS.get(v["status"], "#57606a")
@@ -187,7 +217,9 @@ def render_html(report: dict) -> str:
                    round((c["finished_at"] - c["first_sent_at"]) * 1000, 1) if c.get("first_sent_at") else None]
                   for c in retries.get("chains", [])[:12]]
     settings_rows = [[k, v] for k, v in report["settings"].items()]
-    plot = timeseries_plot(report.get("timeseries", []), report.get("timeseries_load_stopped_s"))
+    sampling = report.get("queue_depth_sampling") or {}
+    plot = timeseries_plot(report.get("timeseries", []), report.get("timeseries_load_stopped_s"),
+                           sampling.get("queue"))
     percentiles = percentile_plot(report.get("histograms_hdr", {}))
     locust = report["locust"]
     lost_ids = report.get("drain", {}).get("lost_ids", [])
@@ -213,7 +245,16 @@ def render_html(report: dict) -> str:
                        f"mean end-to-end {little['mean_end_to_end_s'] * 1000:.1f} ms predicts "
                        f"{little['predicted_in_system']:.1f} tasks in the system; the ledger saw "
                        f"{little['observed_in_system']:.1f} on average (ratio {little['ratio']}).</p>") if little else ""
-        sections.append(f"<section><h2>Over time</h2>{plot}{little_text}</section>")
+        depth_text = ""
+        if sampling:
+            depth_text = (f"<p class='note'>Broker queue depth: messages ready in queue "
+                          f"'{html.escape(str(sampling['queue']))}' ({html.escape(str(sampling.get('transport')))}), "
+                          f"read from the broker every {sampling['interval_s']:g} s by the load generator "
+                          f"({sampling['samples']} samples, {sampling['errors']} failed polls; peak "
+                          f"{_fmt(sampling['peak'])}, {_fmt(sampling['last'])} after the drain). Each bucket shows "
+                          f"its last sample. Messages a worker has prefetched or is running are not in the queue: "
+                          f"they count in the ledger's 'in system' (sent, not yet finished) above.</p>")
+        sections.append(f"<section><h2>Over time</h2>{plot}{depth_text}{little_text}</section>")
     if by_task:
         sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
                         _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
@@ -256,11 +297,23 @@ def render_html(report: dict) -> str:
                         "</section>")
     inband = report.get("serialization_inband") or []
     if inband:
+        sources = {"measured": "measured (this run's histograms)", "offline_estimate": "offline estimate (metrics off)"}
         rows = [[r["serializer"], r["payload_bytes"], r["completed_per_s"], r["end_to_end_p50_ms"],
-                 r["end_to_end_p95_ms"], r.get("serialization_share")] for r in inband]
+                 r["end_to_end_p95_ms"], r.get("end_to_end_mean_ms"), r.get("serialization_ms_per_task"),
+                 _percent(r.get("serialization_share")),
+                 sources.get(r.get("serialization_share_source"), r.get("serialization_share_source") or "none")]
+                for r in inband]
         sections.append("<section><h2>Serialization in band (real runs)</h2>" +
-                        _table(["serializer", "payload B", "completed/s", "e2e p50 ms", "e2e p95 ms",
-                                "share of e2e spent serializing"], rows) + "</section>")
+                        _table(["serializer", "payload B", "completed/s", "e2e p50 ms", "e2e p95 ms", "e2e mean ms",
+                                "serializing ms/task", "share of e2e mean", "source"], rows) +
+                        "<p class='note'>share = serializing time per task / mean end-to-end latency (the share of all "
+                        "tasks' end-to-end time spent serializing). measured: the run's "
+                        "celery_task_serialization_seconds histograms of that serializer — encode in the producer, "
+                        "decode in the worker (Celery decodes a task message in the worker's main process and again "
+                        "in the pool child) and the result's encode — summed over every process's final scrape "
+                        "(metrics/*.prom) and divided by the tasks submitted. offline estimate, only for a run "
+                        "without metrics: request and result each encoded and decoded once at the offline matrix's "
+                        "uncompressed p50.</p></section>")
     if lost_ids:
         sections.append("<section><h2>Lost task ids</h2><pre>" + html.escape("\n".join(lost_ids)) + "</pre></section>")
     if report.get("gates"):

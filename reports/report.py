@@ -15,6 +15,65 @@ SETTINGS_IN_REPORT = ("broker", "backend", "serializer", "compression", "pool", 
                       "prefetch_multiplier", "acks_late", "tracing", "metrics")
 
 
+def serialization_totals(text: str) -> dict:
+    """Totals of the serialization histograms in one Prometheus exposition (a ``metrics/*.prom`` file):
+    ``{serializer: {direction: {"count", "seconds", "bytes"}}}`` from ``celery_task_serialization_seconds``'s
+    ``_count``/``_sum`` and ``celery_task_message_bytes``'s ``_sum`` (names from ``exporters.metrics``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporters.metrics import MESSAGE_BYTES, SERIALIZATION
+
+    fields = {SERIALIZATION.name + "_count": "count", SERIALIZATION.name + "_sum": "seconds",
+              MESSAGE_BYTES.name + "_sum": "bytes"}
+    totals: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in (SERIALIZATION.name, MESSAGE_BYTES.name):
+            continue
+        for sample in family.samples:
+            field_name = fields.get(sample.name)
+            if field_name is None:
+                continue
+            slot = totals.setdefault(sample.labels.get("serializer", "?"), {}).setdefault(
+                sample.labels.get("direction", "?"), {"count": 0, "seconds": 0.0, "bytes": 0.0})
+            slot[field_name] += sample.value
+    return totals
+
+
+def measured_serialization(scrapes: dict[str, Path], baselines: dict[str, dict] | None = None) -> dict:
+    """The serialization a run measured: every process's final scrape (name -> ``.prom`` file) summed, minus the
+    counts a process already had before the run (``baselines``: the load generator, which outlives the runs of a
+    campaign; the stack's processes are new for each run). Only serializers and directions that counted anything."""
+    baselines = baselines or {}
+    by_process: dict = {}
+    for name, path in scrapes.items():
+        try:
+            totals = serialization_totals(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        before = baselines.get(name, {})
+        entry = {}
+        for serializer, directions in totals.items():
+            for direction, slot in directions.items():
+                base = before.get(serializer, {}).get(direction, {})
+                count = max(0, int(round(slot["count"] - base.get("count", 0))))
+                if count:
+                    entry.setdefault(serializer, {})[direction] = {
+                        "count": count, "seconds": round(max(0.0, slot["seconds"] - base.get("seconds", 0.0)), 6),
+                        "bytes": int(round(max(0.0, slot["bytes"] - base.get("bytes", 0.0))))}
+        if entry:
+            by_process[name] = entry
+    by_serializer: dict = {}
+    for entry in by_process.values():
+        for serializer, directions in entry.items():
+            for direction, slot in directions.items():
+                total = by_serializer.setdefault(serializer, {}).setdefault(
+                    direction, {"count": 0, "seconds": 0.0, "bytes": 0})
+                total["count"] += slot["count"]
+                total["seconds"] = round(total["seconds"] + slot["seconds"], 6)
+                total["bytes"] += slot["bytes"]
+    return {"by_serializer": by_serializer, "by_process": by_process}
+
+
 def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 

@@ -84,3 +84,31 @@ def test_latency_counts_from_the_intended_send_time():
     _sent(r, "late", 10.5, intended=10.0)
     _attempt(r, "late", "SUCCESS", 10.5, 10.55, 10.6, intended=10.0)
     assert r.summary()["latency_ms"]["end_to_end"]["max"] == pytest.approx(600, rel=0.01)
+
+
+def test_queue_depth_keeps_the_last_sample_of_each_bucket():
+    r = _recorder()
+    r.observe_queue_depth(99.5, 7)          # before the first task: kept for the first bucket
+    _sent(r, "a", 100.0)
+    r.observe_queue_depth(100.2, 3)         # later in the first bucket: wins
+    r.observe_queue_depth(101.9, 5)
+    r.observe_queue_depth(101.1, 9)         # taken earlier than the 5, handed in later: the 5 stays
+    _attempt(r, "a", "SUCCESS", 100.0, 103.0, 103.5)
+    r.observe_queue_depth(104.4, 0)         # after the drain: the series ends at 0
+    rows = r.summary()["timeseries"]
+    assert [row["queue_depth"] for row in rows] == [3, 5, None, None, 0]
+    assert [row["in_system"] for row in rows] == [1, 1, 1, 0, 0]  # the ledger's count is kept alongside
+
+
+def test_queue_depth_survives_coarsening_as_the_later_sample():
+    from reports.recorder import MAX_BUCKETS
+
+    r = _recorder()
+    _sent(r, "a", 0.0)
+    for second in range(MAX_BUCKETS):
+        r.observe_queue_depth(second + 0.5, second)
+    r.observe_queue_depth(MAX_BUCKETS + 0.5, 1000)  # one bucket too many: widths double, pairs merge
+    rows = r.summary()["timeseries"]
+    assert rows[0]["width_s"] == 2.0 and len(rows) == MAX_BUCKETS // 2 + 1
+    assert [row["queue_depth"] for row in rows[:3]] == [1, 3, 5]
+    assert rows[-1]["queue_depth"] == 1000

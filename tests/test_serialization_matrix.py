@@ -175,3 +175,38 @@ def test_a_spent_budget_still_measures_every_combination_once() -> None:
 def test_defaults_are_the_documented_matrix() -> None:
     assert SIZES == (100, 1_000, 10_000, 100_000, 1_000_000)
     assert SHAPES == ("flat_strings", "nested_dicts", "numeric_lists", "large_text")
+
+
+def test_measured_totals_count_kombus_own_encodes_and_decodes() -> None:
+    """The in-band share's numerator: the timed kombu registry's histograms, read back from the exposition format
+    as a run's final scrape has them, count exactly the encodes and decodes that happened and their bytes."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporters import serializers
+    from exporters.metrics import STORE
+    from reports.report import serialization_totals
+
+    def totals() -> dict:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(STORE.collector())
+        return serialization_totals(generate_latest(registry).decode()).get("msgpack", {})
+
+    was_installed = serializers.installed()
+    serializers.install()
+    try:
+        before = totals()
+        payload = make_payload("nested_dicts", 10_000)
+        wire = 0
+        for _ in range(25):
+            content_type, content_encoding, data = ks.dumps(payload, serializer="msgpack")
+            wire += len(data)
+            assert ks.loads(data, content_type, content_encoding, accept={content_type}) == payload
+        after = totals()
+    finally:
+        if not was_installed:
+            serializers.uninstall()
+    for direction in ("encode", "decode"):
+        was = before.get(direction, {"count": 0, "seconds": 0.0, "bytes": 0.0})
+        assert after[direction]["count"] - was["count"] == 25
+        assert after[direction]["bytes"] - was["bytes"] == wire
+        assert after[direction]["seconds"] - was["seconds"] > 0
