@@ -105,6 +105,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
             prometheus.finish()  # after the drain: its end is in the data
         recorder.close()
     recorded = recorder.summary()
+    load.write_final_csv()  # now with the end_to_end events of every task that finished after the load stopped
     chaos_section = None
     if chaos is not None:
         chaos_section = _chaos_report(chaos.faults, recorder, settings)

@@ -127,7 +127,8 @@ class LocustRun:
             self._stop_workers()
             gevent.killall(greenlets)
             writer.close_files()
-            self._write_final_csv(writer)
+            self._writer = writer
+            self.write_final_csv()
 
     def _collect_final_worker_stats(self) -> None:
         """A Locust worker sends no stats when told to stop, only on its next periodic report (every
@@ -145,8 +146,12 @@ class LocustRun:
         for child in self.worker_children:
             child.stop(timeout=5)
 
-    def _write_final_csv(self, writer: StatsCSVFileWriter) -> None:
-        # the periodic writer may have last run up to a second before the stop: rewrite the totals once more
+    def write_final_csv(self) -> None:
+        """Rewrites Locust's totals (the periodic writer may have last run up to a second before the stop). Called
+        again after the drain, the end_to_end rows count the tasks that finished during the drain too."""
+        writer = getattr(self, "_writer", None)
+        if writer is None:
+            return
         for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv),
                               ("_exceptions.csv", writer.exceptions_csv)):
             with open(str(self.out_dir / "locust") + suffix, "w", newline="") as handle:
