@@ -28,6 +28,15 @@ def test_counts_add_up(smoke_run):
     assert report["locust"]["requests"] > 0
 
 
+def test_locust_csv_counts_every_finished_task_including_the_drain(smoke_run):
+    out, report, _ = smoke_run
+    rows = _locust_rows(out / "locust" / "locust_stats.csv")
+    finished = sum(int(row["Request Count"]) for row in rows if row["Name"].startswith("end_to_end "))
+    t = report["tasks"]
+    assert finished == t["succeeded"] + t["failed"] - t["reconciled"]
+    assert report["duration_s"] < 8 + 2  # the load's duration, not stretched by users finishing their last task
+
+
 def test_flaky_tasks_show_retries(smoke_run):
     _, report, _ = smoke_run
     retries = report["retries"]
