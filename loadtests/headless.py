@@ -16,7 +16,7 @@ from reports.recorder import Recorder
 from reports.render import write_rendered
 from reports.report import build_report, measured_serialization, serialization_totals, write_json
 from stack.settings import Settings
-from stack.supervisor import StartupError, Stack
+from stack.supervisor import Stack, start_stack
 from stack.tasks import retry_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -27,7 +27,6 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
     scenario = scenario or get_scenario(settings.scenario)
     if scenario.chaos and not settings.chaos:  # validated again: the chaos plan changes derived defaults
         settings = Settings(**{**settings.model_dump(exclude_unset=True), "chaos": scenario.chaos})
-    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:
         from dashboards.prometheus_runner import PrometheusMissing, binary
@@ -37,11 +36,8 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
         except PrometheusMissing as exc:
             console.print(f"[bold red]error:[/] --prometheus: {exc}")
             return EXIT_USAGE
-    try:
-        with console.status("starting the stack (broker, workers, producer API)…"):
-            stack = Stack(settings, run_dir).__enter__()
-    except StartupError as exc:
-        console.print(f"[bold red]error:[/] the stack did not start: {exc}")
+    stack = start_stack(settings, run_dir, console)
+    if stack is None:
         return EXIT_FAILED
     try:
         return _run_on(stack, scenario, run_dir, console)

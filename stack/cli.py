@@ -126,17 +126,13 @@ def _run_dir(out: str | None, scenario: str) -> Path:
 @click.option("--out", default=None, help="Directory for the logs of this stack")
 def up(out, **options):
     """Start the stack in the foreground; Ctrl-C stops every process."""
-    from stack.supervisor import Stack, StartupError
+    from stack.supervisor import start_stack
 
     settings = _build_settings(**options)
     run_dir = _run_dir(out, "up")
-    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     _install_stop_signals()
-    try:
-        with console.status("starting the stack…"):
-            stack = Stack(settings, run_dir).__enter__()
-    except StartupError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+    stack = start_stack(settings, run_dir, console, err_console)
+    if stack is None:
         sys.exit(EXIT_FAILED)
     try:
         s = stack.settings

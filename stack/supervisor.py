@@ -247,3 +247,15 @@ class Stack:
 def _local(host: str) -> str:
     """Where this machine reaches a server bound to ``host``."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def start_stack(settings: Settings, run_dir: Path, console, error_console=None) -> Stack | None:
+    """The stack of one run directory (its name is the run id) started behind a spinner; None, after printing why,
+    when it does not start. The caller stops it (``stack.stop()``)."""
+    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
+    try:
+        with console.status("starting the stack (broker, workers, producer API)…"):
+            return Stack(settings, run_dir).__enter__()
+    except StartupError as exc:
+        (error_console or console).print(f"[bold red]error:[/] the stack did not start: {exc}")
+        return None
