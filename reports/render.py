@@ -165,6 +165,54 @@ def scaling_plot(scaling: dict) -> str | None:
     return _svg(fig)
 
 
+def serialization_plot(rows: list[dict]) -> str | None:
+    """The offline matrix at a glance: encode + decode p50 against payload size per serializer (uncompressed), and
+    what each compression buys and costs on json, each point the median over the payload shapes."""
+    import statistics
+
+    if not rows:
+        return None
+    plt = _pyplot()
+
+    def median_by(select, key):
+        groups: dict[tuple, list[float]] = {}
+        for r in rows:
+            if select(r):
+                groups.setdefault((key(r), r["payload_bytes"]), []).append(r)
+        return groups
+
+    fig, (cost, ratio, compress_cost) = plt.subplots(1, 3, figsize=(13, 3.8))
+    by_serializer = median_by(lambda r: r["compression"] == "none", lambda r: r["serializer"])
+    for name in sorted({k[0] for k in by_serializer}):
+        sizes = sorted(size for (n, size) in by_serializer if n == name)
+        cost.plot(sizes, [statistics.median(r["encode_us"]["p50"] + r["decode_us"]["p50"]
+                                            for r in by_serializer[(name, size)]) for size in sizes],
+                  marker="o", label=name)
+    cost.set(xscale="log", yscale="log", xlabel="payload bytes", ylabel="encode + decode p50 (µs)",
+             title="serializer cost (no compression)")
+    cost.legend(fontsize=8)
+    base = "json" if any(r["serializer"] == "json" for r in rows) else rows[0]["serializer"]
+    by_compression = median_by(lambda r: r["serializer"] == base, lambda r: r["compression"])
+    for name in sorted({k[0] for k in by_compression}):
+        sizes = sorted(size for (n, size) in by_compression if n == name)
+        ratio.plot(sizes, [statistics.median(r["wire_bytes"] / max(1, r["payload_bytes"])
+                                             for r in by_compression[(name, size)]) for size in sizes],
+                   marker="o", label=name)
+        compress_cost.plot(sizes, [statistics.median(r["encode_us"]["p50"] + r["decode_us"]["p50"]
+                                                     for r in by_compression[(name, size)]) for size in sizes],
+                           marker="o", label=name)
+    ratio.set(xscale="log", xlabel="payload bytes", ylabel="wire bytes / payload bytes",
+              title=f"wire size by compression ({base})")
+    ratio.axhline(1.0, color="#888", linewidth=0.8, linestyle=":")
+    ratio.legend(fontsize=8)
+    compress_cost.set(xscale="log", yscale="log", xlabel="payload bytes", ylabel="encode + decode p50 (µs)",
+                      title=f"cost by compression ({base})")
+    for axis in (cost, ratio, compress_cost):
+        axis.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    return _svg(fig)
+
+
 def _table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []
@@ -292,6 +340,8 @@ def render_html(report: dict) -> str:
                  r.get("compression_ratio", ""), r["encode_us"]["p50"], r["encode_us"]["p95"], r["decode_us"]["p50"],
                  r["decode_us"]["p95"]] for r in serialization]
         sections.append("<section><h2>Serialization cost (offline, through kombu's registry)</h2>" +
+                        (serialization_plot(serialization) or "") +
+                        "<p>Each point is the median over the payload shapes; the table has every combination.</p>" +
                         _table(["serializer", "compression", "shape", "payload B", "wire B", "ratio", "encode p50 µs",
                                 "encode p95 µs", "decode p50 µs", "decode p95 µs"], rows, numeric_from=3) +
                         "</section>")

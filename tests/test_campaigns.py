@@ -48,6 +48,8 @@ def test_serialization_command_writes_matrix_and_inband_rows(tmp_path):
         _assert_share_is_measured(out, row)
     html = (out / "report.html").read_text()
     assert "Serialization cost" in html and "Serialization in band" in html
+    # the matrix is drawn, not only tabled: serializer cost, wire size and cost by compression
+    assert "<svg" in html and "serializer cost (no compression)" in html and _self_contained(html)
     # the table says, row by row, where its share came from
     assert html.count("measured (this run&#x27;s histograms)</td>") == 2
     assert "offline estimate (metrics off)" not in html
