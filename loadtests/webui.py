@@ -1,4 +1,4 @@
-"""The Locust web UI of ``loadlab ui``, with a **Celery** tab.
+"""The Locust web UI of ``loadlab ui``, with a **Celery** tab, and a report for every swarm.
 
 The tab uses Locust's extended-tabs mechanism: ``extended_tabs`` / ``extended_tables`` / ``extended_csv_files`` in
 the web UI's template arguments, and an ``extended_stats`` entry added to the ``/stats/requests`` answer the React UI
@@ -14,8 +14,28 @@ What the tab shows, and where it comes from:
   recorder (its ledger counts and HDR histograms, not Locust's rounded buckets).
 
 Broker reads and pings run in background greenlets that cache their last answer; a request only formats what is
-cached, so a slow broker never stalls the UI. The recorder's numbers cover everything since the UI process started
-(Locust resets its own table at every new test; the recorder follows tasks across tests, so it does not).
+cached, so a slow broker never stalls the UI.
+
+**Windows.** Like Locust's own tables, the recorder numbers restart with every test: a new swarm (Locust's
+``test_start`` event) and the *Reset stats* button (``reset_stats``) each open a new, empty *window*
+(``SwarmWindows``), and the tab shows the newest one. One consumer pops the run's ledger and hands every record to
+the window its task belongs to: the window that already follows the task id, otherwise the window in which the task
+was first sent (the ``sent_at`` its headers carry, kept through retries). So a task sent before a reset or a new
+swarm is never counted in the new window — not as submitted, not as finished, not as retried, not as a latency
+sample — even when it finishes afterwards; it finishes in its own window, or is dropped when that window was
+discarded (a reset throws away what was counted before it, as Locust does).
+
+**Reports.** When a swarm stops (``test_stop``: the Stop button, the form's run time, the end of a shape, or Ctrl-C /
+SIGTERM while it runs), its window drains — up to ``--drain-timeout-s``, as in ``loadlab run`` — and the report is
+written to ``RUN_DIR/swarm-NNN/`` (NNN = the swarm's number since the UI started, from 001): ``report.json`` (the
+builder ``loadlab run`` uses, so it validates against ``reports/schema/report.schema.json``; its ``ui`` section names
+the swarm, its user classes and where its counts start), ``report.html``, ``summary.md`` and ``locust/`` (Locust's
+CSV tables of the swarm). It covers the swarm from its start — or from the last *Reset stats* during it — to the
+stop, plus the drain: the same window the tab showed. The drain runs in the background, so the UI stays usable and a
+new swarm may start meanwhile (its tasks go to its own window; the tab lists the swarm still draining). On quit, a
+report still draining is finished before the stack stops. The terminal prints where each report is, and the tab's
+*Report* row shows it — Locust's page stops polling once a test is stopped, so the drained numbers and the report
+path appear when the page is reloaded (or at the next swarm).
 """
 from __future__ import annotations
 
@@ -24,8 +44,10 @@ import io
 import json
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +59,8 @@ from locust.event import Events
 from loadtests.runner import STOP_TIMEOUT_S, completion_listener
 from loadtests.scenarios import SCENARIOS, Scenario, get_scenario
 from loadtests.users import build_user_classes
-from reports.recorder import REPORT_PHASES, histogram_stats_ms
+from reports import ledger
+from reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
 from stack.settings import Settings
 
 TAB_KEY = "celery"
@@ -130,6 +153,8 @@ class CeleryMonitor:
         # no ledger hooks: the monitor publishes control messages only
         self.app = make_app(settings.model_copy(update={"ledger_url": None}))
         self._poller = None
+        # called with (epoch seconds, depth) after each poll, depth None when it failed: the reports' queue depth
+        self.on_queue_sample: Callable[[float, int | None], None] | None = None
         self.queue_state: dict = {"depth": None, "unacked": None, "error": None, "at": None}
         self.worker_state: dict = {"up": None, "names": [], "error": None, "at": None}
         self._greenlets: list[gevent.Greenlet] = []
@@ -166,10 +191,14 @@ class CeleryMonitor:
         except Exception as exc:  # noqa: BLE001 - shown in the tab; the next round reconnects
             self._poller.reset()
             self.queue_state = {**self.queue_state, "error": _one_line(exc), "at": time.time()}
+            if self.on_queue_sample is not None:
+                self.on_queue_sample(self.queue_state["at"], None)
             return
         unacked = polled.get("unacked") or {}
         self.queue_state = {"depth": int(polled["length"].get(self.queue, 0)),
                             "unacked": sum(unacked.values()) if unacked else None, "error": None, "at": time.time()}
+        if self.on_queue_sample is not None:
+            self.on_queue_sample(self.queue_state["at"], self.queue_state["depth"])
 
     def refresh_workers(self) -> None:
         try:
@@ -191,10 +220,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --- the tab ------------------------------------------------------------------------------------------------------
-def celery_stats(recorder, monitor: CeleryMonitor | None, since: float) -> dict:
+def celery_stats(recorder, monitor: CeleryMonitor | None, since: float, window: dict | None = None) -> dict:
     """The JSON the tab shows: broker and worker state from the monitor's cache, task counts and phase latency
-    percentiles from the recorder."""
-    out: dict = {"since": since, "at": time.time()}
+    percentiles from the recorder (the current window's, see ``SwarmWindows.window_info`` for ``window``)."""
+    out: dict = {"since": since, "at": time.time(), "window": window}
     out.update(monitor.snapshot() if monitor is not None else {"queue": None, "workers": None})
     if recorder is None:
         out.update({"tasks": None, "retries": None, "latency_ms": None})
@@ -240,9 +269,20 @@ def table_rows(stats: dict) -> list[dict]:
                 row(label, lat["count"], *(round(lat[k], 1) for k in ("p50", "p95", "p99", "max")))
             else:
                 row(label, 0)
+    window = stats.get("window")
+    if window is not None:
+        row("Swarm", window["swarm"] if window["swarm"] is not None else "none running")
     if stats.get("since"):
-        # Locust's own tables restart with every test; the recorder counts everything since the UI started
-        row("Counted since (UTC)", time.strftime("%H:%M:%S", time.gmtime(stats["since"])))
+        # like Locust's own tables: counts restart with every new swarm and with "Reset stats"
+        since = time.strftime("%H:%M:%S", time.gmtime(stats["since"]))
+        if window is not None:
+            since += {"test_start": " (swarm start)", "reset_stats": " (Reset stats)", "ui_start": " (UI start)"}.get(
+                window["counted_from"], "")
+        row("Counted since (UTC)", since)
+    if window is not None and window.get("report_status"):
+        row("Report", window["report_status"])
+    for earlier in (window or {}).get("earlier_swarms_draining") or ():
+        row(f"Swarm {earlier['swarm']} (stopped)", f"draining: {earlier['in_flight']} in flight, then its report")
     return rows
 
 
@@ -253,15 +293,21 @@ def _or_error(value, error):
 
 
 def install_celery_tab(environment: Environment, recorder: Callable[[], object | None],
-                       monitor: CeleryMonitor | None, since: float | None = None) -> None:
-    """Adds the Celery tab, its JSON and CSV routes, and the ``extended_stats`` of ``/stats/requests``."""
+                       monitor: CeleryMonitor | None, since: float | None = None,
+                       window: Callable[[], dict] | None = None) -> None:
+    """Adds the Celery tab, its JSON and CSV routes, and the ``extended_stats`` of ``/stats/requests``.
+    ``recorder()`` is the recorder the tab reads; ``window()`` (``SwarmWindows.window_info``), when given, says
+    which window that is and since when it counts."""
     from flask import Response, jsonify, request
 
     web_ui = environment.web_ui
     since = since or time.time()
 
     def current() -> dict:
-        return celery_stats(recorder(), monitor, since)
+        if window is None:
+            return celery_stats(recorder(), monitor, since)
+        info = window()
+        return celery_stats(recorder(), monitor, info["started_at"], info)
 
     web_ui.template_args["extended_tabs"] = [{"title": "Celery", "key": TAB_KEY}]
     web_ui.template_args["extended_tables"] = [{"key": TAB_KEY, "structure": TABLE_STRUCTURE}]
@@ -293,6 +339,380 @@ def install_celery_tab(environment: Environment, recorder: Callable[[], object |
         return response
 
 
+# --- recording windows: one per swarm (and per "Reset stats"), a report when a swarm stops ---------------------------
+SWARM_DIR = "swarm-{:03d}"
+COUNTED_FROM = {"ui_start": "the start of the UI", "test_start": "the start of the swarm",
+                "reset_stats": "Reset stats"}
+
+
+class WindowRecorder(Recorder):
+    """The run recorder of one window. It never pops the ledger itself: ``SwarmWindows`` pops it and hands each
+    record to the window its task belongs to. ``poll`` (which ``drain`` and ``mark_load_stopped`` call) makes the
+    dispatcher pop what is waiting and answers how many records reached *this* window since the previous call, so a
+    drain waits for its own tasks and is not kept busy by another swarm's."""
+
+    def __init__(self, windows: "SwarmWindows", settings: Settings,
+                 on_completion: Callable[[str, str, float | None], None] | None = None):
+        super().__init__(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+                         on_completion=on_completion, warmup_s=settings.warmup_s)
+        self._windows = windows
+        self._records_seen = 0
+        self.adopted = 0  # tasks that ran but whose SENT record never came, counted as submitted by close()
+
+    def start(self) -> "WindowRecorder":
+        return self  # the dispatcher consumes
+
+    def poll(self, batch: int = 1000) -> int:
+        self._windows.poll(batch)
+        arrived, self._records_seen = self.records - self._records_seen, self.records
+        return arrived
+
+    def close(self) -> None:
+        """Last records, and tasks that finished without a SENT record counted (the shared channel is kept)."""
+        self._windows.poll(100_000)
+        self.adopted += len(self.early)
+        self.adopt_orphans()
+
+    def follows(self, task_id: str) -> bool:
+        return (task_id in self.pending or task_id in self.retrying or task_id in self.early
+                or task_id in self.recent_terminal)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)  # a task waiting for a retry is pending too
+
+    @property
+    def settled(self) -> bool:
+        return not self.pending and not self.retrying
+
+
+@dataclass
+class Window:
+    """What the tab counts from one boundary (UI start, swarm start, Reset stats) to the next."""
+    started_at: float
+    counted_from: str                # ui_start | test_start | reset_stats
+    swarm: int | None                # the swarm it measures; None: no swarm was running when it opened
+    recorder: WindowRecorder | None  # None once released (reported, or discarded and settled)
+    state: str                       # idle | running | draining | reported | discarded
+    scenario: str = "ui"
+    user_classes: list[str] = field(default_factory=list)
+    shape: str | None = None
+    discarded_at: float | None = None
+    report_dir: Path | None = None
+    locust: dict | None = None
+    queue_samples: int = 0
+    queue_errors: int = 0
+    queue_peak: int | None = None
+    queue_last: int | None = None
+
+
+class SwarmWindows:
+    """The recorder state behind the Celery tab, started afresh at every swarm and every *Reset stats*, and the
+    per-swarm reports (see the module docstring). ``install()`` adds the Locust event listeners, ``start()`` the
+    consumer greenlet; ``recorder`` is what the tab reads."""
+
+    def __init__(self, settings: Settings, run_dir: Path, environment: Environment, *, console=None, app=None,
+                 on_completion: Callable[[str, str, float | None], None] | None = None,
+                 scenario_names: dict[str, str] | None = None, queue_sampled: bool = False):
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.environment = environment
+        self.console = console
+        self.app = app  # for reconcile(): the result backend of tasks the ledger never saw finish
+        self.on_completion = on_completion
+        self.queue_sampled = queue_sampled  # observe_queue_depth is fed (by the monitor) about once a second
+        self.scenario_names = scenario_names or {_prefix(sc): sc.name for sc in SCENARIOS.values()}
+        self.key = ledger.channel_key(settings.run_id)
+        self.windows: list[Window] = []
+        self.swarms = 0
+        self.dropped = 0  # records of tasks sent in a discarded window, after it settled
+        self.reports: list[Path] = []
+        self.errors: list[str] = []
+        self._client = None
+        self._poll_lock = threading.Lock()  # a gevent lock in the patched process: one pop-and-dispatch at a time
+        self._consumer: gevent.Greenlet | None = None
+        self._finishers: list[gevent.Greenlet] = []
+        self._open("ui_start", swarm=None, state="idle")
+
+    # --- the windows ---------------------------------------------------------------------------------------------
+    @property
+    def current(self) -> Window:
+        return self.windows[-1]
+
+    @property
+    def recorder(self) -> WindowRecorder | None:
+        return self.current.recorder
+
+    def _open(self, counted_from: str, swarm: int | None, state: str, like: Window | None = None) -> Window:
+        now = time.time()
+        if self.windows:
+            previous = self.current
+            if previous.state in ("idle", "running"):  # what was counted before the boundary is thrown away
+                previous.state, previous.discarded_at = "discarded", now
+        window = Window(started_at=now, counted_from=counted_from, swarm=swarm, recorder=None, state=state)
+        if like is not None:
+            window.scenario, window.user_classes, window.shape = like.scenario, like.user_classes, like.shape
+
+        listener = self.on_completion
+
+        def on_completion(task: str, task_state: str, end_to_end_s: float | None) -> None:
+            # Locust's end_to_end requests: only the shown window's, so a new test's table has no older task
+            if listener is not None and self.current is window:
+                listener(task, task_state, end_to_end_s)
+
+        window.recorder = WindowRecorder(self, self.settings, on_completion)
+        self.windows.append(window)
+        self._prune()
+        return window
+
+    def _prune(self) -> None:
+        """Releases the recorders of windows nobody shows or reports any more: reported ones, and discarded ones
+        once nothing they follow is in flight (or a drain's time after the discard)."""
+        now = time.time()
+        patience = self.settings.drain_timeout_s + STOP_TIMEOUT_S
+        for window in self.windows[:-1]:
+            if window.recorder is None:
+                continue
+            if window.state == "reported" or (window.state == "discarded" and (
+                    window.recorder.settled or now - window.discarded_at > patience)):
+                window.recorder = None
+
+    def _route(self, record: list) -> Window | None:
+        task_id = record[1]
+        for window in reversed(self.windows):
+            if window.recorder is not None and window.recorder.follows(task_id):
+                return window
+        sent_at = record[3] if record[0] == ledger.SENT else record[4] if record[0] == ledger.ATTEMPT else None
+        if sent_at is None:  # a revoke carries no send time: the shown window
+            return self.current
+        for window in reversed(self.windows):
+            if window.started_at <= sent_at:
+                return window if window.recorder is not None else None
+        return self.windows[0] if self.windows[0].recorder is not None else None
+
+    # --- consuming the ledger ------------------------------------------------------------------------------------
+    def _redis(self):
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(self.settings.ledger_url, socket_timeout=10)
+        return self._client
+
+    def start(self) -> "SwarmWindows":
+        self._consumer = gevent.spawn(self._loop)
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            if not self.poll():
+                gevent.sleep(0.02)
+
+    def poll(self, batch: int = 1000) -> int:
+        """Pops what is in the ledger now and hands each record to its window; returns the records popped."""
+        with self._poll_lock:
+            items = ledger.pop_batch(self._redis, self.key, batch)
+            if items is None:
+                self._client = None
+                return 0
+            if not items:
+                self._prune()
+                return 0
+            for data in items:
+                record = ledger.decode(data)
+                window = self._route(record)
+                recorder = window.recorder if window is not None else None
+                if recorder is None:
+                    self.dropped += 1
+                    continue
+                with recorder._lock:
+                    recorder.handle(record)
+            return len(items)
+
+    def observe_queue_depth(self, at: float, depth: int | None) -> None:
+        """A queue depth sample (None: the poll failed) for every window still measuring."""
+        for window in self.windows:
+            if window.recorder is not None and window.state in ("idle", "running", "draining"):
+                if depth is None:
+                    window.queue_errors += 1
+                    continue
+                window.recorder.observe_queue_depth(at, depth)
+                window.queue_samples += 1
+                window.queue_last = depth
+                window.queue_peak = depth if window.queue_peak is None else max(window.queue_peak, depth)
+
+    # --- Locust's events -----------------------------------------------------------------------------------------
+    def install(self) -> "SwarmWindows":
+        events = self.environment.events
+        events.test_start.add_listener(self.on_test_start)
+        events.reset_stats.add_listener(self.on_reset_stats)
+        events.test_stop.add_listener(self.on_test_stop)
+        return self
+
+    def on_test_start(self, environment: Environment | None = None, **_) -> None:
+        self.swarms += 1
+        window = self._open("test_start", swarm=self.swarms, state="running")
+        env = environment or self.environment
+        window.user_classes = sorted(cls.__name__ for cls in env.user_classes)
+        shape = env.shape_class
+        if shape is not None:
+            window.shape = next((name for name, obj in (env.available_shape_classes or {}).items() if obj is shape),
+                                type(shape).__name__)
+        window.scenario = self.scenario_of(window.user_classes, window.shape)
+
+    def on_reset_stats(self, **_) -> None:
+        current = self.current
+        if current.state == "running":  # the swarm goes on, counted from now
+            self._open("reset_stats", swarm=current.swarm, state="running", like=current)
+        else:  # no swarm running: an empty window until the next one (a draining report is not affected)
+            self._open("reset_stats", swarm=None, state="idle")
+
+    def on_test_stop(self, environment: Environment | None = None, **_) -> None:
+        window = self.current
+        if window.state != "running":  # quit before any swarm, or a swarm already stopped
+            return
+        window.state = "draining"
+        window.report_dir = self.run_dir / SWARM_DIR.format(window.swarm)
+        window.locust = self._locust_now(window)
+        greenlet = gevent.spawn(self._finish, window)
+        self._finishers.append(greenlet)
+
+    def scenario_of(self, user_classes: list[str], shape: str | None) -> str:
+        names = []
+        for name in ([shape.removesuffix("Shape") + "_"] if shape else []) + user_classes:
+            scenario = self.scenario_names.get(name.split("_", 1)[0], "ui")
+            if scenario not in names:
+                names.append(scenario)
+        return "+".join(names) or "ui"
+
+    # --- reports -------------------------------------------------------------------------------------------------
+    def _locust_now(self, window: Window) -> dict:
+        """Locust's totals and CSV tables of the swarm, written into its report directory."""
+        from locust.stats import StatsCSV
+
+        total = self.environment.stats.total
+        locust_dir = window.report_dir / "locust"
+        locust_dir.mkdir(parents=True, exist_ok=True)
+        tables = StatsCSV(self.environment, [0.5, 0.9, 0.95, 0.99, 1.0])
+        for suffix, write in (("_stats.csv", tables.requests_csv), ("_failures.csv", tables.failures_csv),
+                              ("_exceptions.csv", tables.exceptions_csv)):
+            with open(locust_dir / f"locust{suffix}", "w", newline="") as handle:
+                write(csv.writer(handle))
+        return {"requests": total.num_requests, "failures": total.num_failures, "rps": round(total.total_rps, 3)}
+
+    def _finish(self, window: Window) -> None:
+        try:
+            self._drain_and_report(window)
+        except Exception as exc:  # noqa: BLE001 - say so; the UI and the next swarms go on
+            self.errors.append(f"swarm {window.swarm}: {_one_line(exc)}")
+            window.state = "reported"
+            if self.console is not None:
+                self.console.print(f"[bold red]error:[/] the report of swarm {window.swarm} failed: {_one_line(exc)}")
+
+    def _drain_and_report(self, window: Window) -> None:
+        from reports.render import write_rendered
+        from reports.report import build_report, iso_utc, write_json
+        from stack.tasks import retry_policy
+
+        runner = self.environment.runner
+        users = getattr(runner, "user_greenlets", None)
+        if users is not None:  # users finish the task they are in: their last publishes are the swarm's too
+            users.join(timeout=STOP_TIMEOUT_S + 1)
+        recorder = window.recorder
+        recorder.mark_load_stopped()
+        drained = recorder.drain(self.settings.drain_timeout_s)
+        if not drained and self.app is not None:
+            recorder.reconcile(self.app)
+        if self.queue_sampled:  # the queue as the drain left it: wait for the monitor's next sample
+            samples, deadline = window.queue_samples, time.monotonic() + 2.5 * QUEUE_INTERVAL_S
+            while window.queue_samples == samples and time.monotonic() < deadline:
+                gevent.sleep(0.1)
+        recorder.close()
+        if self.current is window:  # Locust's table is still this swarm's: with the end_to_end of the drain
+            window.locust = self._locust_now(window)
+        s = self.settings
+        report = build_report(
+            scenario=window.scenario, settings_masked=s.masked(), started_at=window.started_at,
+            load_stopped_at=recorder.load_stopped_at, recorded=recorder.summary(), locust=window.locust,
+            retry_policy=retry_policy(s), drained=drained,
+            extra={"artefacts": {"Locust CSV of the swarm": "locust/", "settings": "../settings.json",
+                                 "process logs": "../logs/", "Locust CSV history of the UI session": "../locust/"},
+                   "queue_depth_sampling": {"queue": s.queue, "transport": self._transport(),
+                                            "source": "the Celery tab's broker poll", "interval_s": QUEUE_INTERVAL_S,
+                                            "statistic": "last", "samples": window.queue_samples,
+                                            "errors": window.queue_errors, "peak": window.queue_peak,
+                                            "last": window.queue_last},
+                   "ui": {"swarm": window.swarm, "counted_from": COUNTED_FROM[window.counted_from],
+                          "window_started_at": iso_utc(window.started_at), "user_classes": window.user_classes,
+                          "shape": window.shape,
+                          # in tasks.submitted, not in Locust's table: a user stopped between the broker's accept
+                          # and its ledger record / request event (Locust kills users that wait, and one that was
+                          # just waking up dies in its next publish)
+                          "submitted_without_sent_record": recorder.adopted}})
+        window.report_dir.mkdir(parents=True, exist_ok=True)
+        write_json(window.report_dir / "report.json", report)
+        write_rendered(window.report_dir, report)
+        window.state = "reported"
+        self.reports.append(window.report_dir)
+        self._prune()
+        if self.console is not None:
+            t = report["tasks"]
+            self.console.print(
+                f"swarm {window.swarm} ({window.scenario}) [bold]{report['verdict']['status'].upper()}[/]  "
+                f"submitted {t['submitted']}  succeeded {t['succeeded']}  failed {t['failed']}  "
+                f"retried {t['retried']}  lost {t['lost']}")
+            # one line whatever the terminal's width: the path stays copyable
+            self.console.print(f"report: {window.report_dir / 'report.html'}", soft_wrap=True, markup=False)
+
+    def _transport(self) -> str | None:
+        if self.app is None:
+            return None
+        try:
+            with self.app.connection_for_read() as conn:  # names the transport; opens no socket
+                return conn.transport.driver_type
+        except Exception:  # noqa: BLE001
+            return None
+
+    def window_info(self) -> dict:
+        """The shown window for the tab: which swarm, since when it counts, and where its report is."""
+        window = self.current
+        if window.state == "running":
+            status = f"written when the swarm stops: {self.run_dir / SWARM_DIR.format(window.swarm)}/"
+        elif window.state == "draining":  # Locust's page stops polling when stopped: say how to see the end
+            status = (f"draining: {window.recorder.in_flight} in flight (≤ {self.settings.drain_timeout_s:g}s), "
+                      f"then {window.report_dir}/report.html (reload the page to see it)")
+        elif window.state == "reported":
+            status = str(window.report_dir / "report.html")
+        else:
+            status = f"last: {self.reports[-1] / 'report.html'}" if self.reports else None
+        draining = [{"swarm": w.swarm, "in_flight": w.recorder.in_flight} for w in self.windows[:-1]
+                    if w.state == "draining" and w.recorder is not None]
+        return {"swarm": window.swarm, "counted_from": window.counted_from, "started_at": window.started_at,
+                "state": window.state, "scenario": window.scenario if window.swarm is not None else None,
+                "report_dir": str(window.report_dir) if window.report_dir else None, "report_status": status,
+                "earlier_swarms_draining": draining, "reports": [str(path) for path in self.reports],
+                "dropped_records": self.dropped}
+
+    def join(self, timeout_s: float) -> bool:
+        """Waits for the reports still draining; True when none is left."""
+        gevent.joinall(self._finishers, timeout=timeout_s)
+        self._finishers = [g for g in self._finishers if not g.dead]
+        return not self._finishers
+
+    @property
+    def draining(self) -> list[int]:
+        return [w.swarm for w in self.windows if w.state == "draining"]
+
+    def close(self) -> None:
+        gevent.killall(self._finishers, timeout=5)
+        if self._consumer is not None:
+            self._consumer.kill(timeout=5)
+        self.poll(100_000)
+        try:
+            self._redis().delete(self.key)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 # --- ``loadlab ui`` ------------------------------------------------------------------------------------------------
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -305,25 +725,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
-    """Stack up, web UI on 127.0.0.1:web_port with the Celery tab; blocks until Ctrl-C/SIGTERM, then stops the load,
-    closes the recorder and stops every process of the stack."""
+    """Stack up, web UI on 127.0.0.1:web_port with the Celery tab; each swarm's report in run_dir/swarm-NNN/ when it
+    stops. Blocks until Ctrl-C/SIGTERM, then stops the load, finishes the report of the swarm that ran (or was still
+    draining) and stops every process of the stack."""
     from locust.stats import StatsCSVFileWriter, stats_history
 
-    from reports.recorder import Recorder
     from reports.report import write_json
-    from stack.supervisor import StartupError, Stack
+    from stack.supervisor import start_stack
 
     # Locust's web UI parses sys.argv with its own parser on every page load (the "custom parameters" of its
     # form): loadlab's flags would make that parser exit, so the process shows it no arguments.
     sys.argv[1:] = []
-    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
-    try:
-        with console.status("starting the stack (broker, workers, producer API)…"):
-            stack = Stack(settings, run_dir).__enter__()
-    except StartupError as exc:
-        console.print(f"[bold red]error:[/] the stack did not start: {exc}")
+    stack = start_stack(settings, run_dir, console)
+    if stack is None:
         return EXIT_FAILED
-    runner = web_ui = recorder = monitor = writer = None
+    runner = web_ui = windows = monitor = writer = None
     greenlets: list[gevent.Greenlet] = []
     try:
         s = stack.settings
@@ -332,18 +748,22 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
         csv_prefix = str(run_dir / "locust" / "locust")
         env = ui_environment(s, csv_prefix=csv_prefix)
         runner = env.create_local_runner()
-        recorder = Recorder(s.ledger_url, s.run_id, max_retries=s.retry_max_retries,
-                            on_completion=completion_listener(env)).start()
-        monitor = CeleryMonitor(s, expected_workers=s.workers).start()
+        monitor = CeleryMonitor(s, expected_workers=s.workers)
+        windows = SwarmWindows(s, run_dir, env, console=console, app=monitor.app, queue_sampled=True,
+                               on_completion=completion_listener(env)).install().start()
+        monitor.on_queue_sample = windows.observe_queue_depth
+        monitor.start()
         writer = StatsCSVFileWriter(env, [0.5, 0.9, 0.95, 0.99, 1.0], csv_prefix, full_history=True)
         web_ui = env.create_web_ui("127.0.0.1", web_port, delayed_start=True, userclass_picker_is_active=True,
                                    stats_csv_writer=writer)
-        install_celery_tab(env, lambda: recorder, monitor)
+        install_celery_tab(env, lambda: windows.recorder, monitor, window=windows.window_info)
         web_ui.start()
         greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
         url = f"http://127.0.0.1:{web_port}"
         console.print(f"[green]Locust web UI[/] {url}  (Celery tab after you start a test; JSON {url}{STATS_ROUTE})")
         console.print(f"producer API {s.api_url}   logs {run_dir / 'logs'}   Ctrl-C stops everything.")
+        console.print(f"each swarm's report, written when it stops: {run_dir / SWARM_DIR.format(1)}/, "
+                      f"{SWARM_DIR.format(2)}/, … (report.json, report.html, summary.md)", soft_wrap=True, markup=False)
         while True:
             for child in stack.children():
                 if not child.running():
@@ -359,15 +779,23 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
         return EXIT_OK
     finally:
         if runner is not None:
-            runner.quit()
+            runner.quit()  # a swarm still running stops: test_stop starts its report
         if web_ui is not None and web_ui.server is not None:
             web_ui.stop()
+        if windows is not None and windows.draining:
+            swarms = ", ".join(str(n) for n in windows.draining)
+            try:
+                with console.status(f"draining and writing the report of swarm {swarms} "
+                                    f"(≤ {s.drain_timeout_s:g}s; Ctrl-C again skips it)…"):
+                    windows.join(s.drain_timeout_s + STOP_TIMEOUT_S + 30)
+            except (KeyboardInterrupt, SystemExit):
+                console.print(f"[yellow]the report of swarm {swarms} was not written[/]")
         gevent.killall(greenlets, timeout=5)
         if writer is not None:
             writer.close_files()
         if monitor is not None:
             monitor.stop()
-        if recorder is not None:
-            recorder.close()
+        if windows is not None:
+            windows.close()
         with console.status("stopping the stack…"):
             stack.stop()

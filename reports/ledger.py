@@ -54,5 +54,14 @@ class LedgerSink:
             self._client = None
 
 
+def pop_batch(connect, key: str, batch: int) -> list[bytes] | None:
+    """Up to ``batch`` records from the channel, oldest first; None when the ledger Redis cannot be reached (it is
+    restarting: the caller drops its client and tries again next round). ``connect`` returns the client."""
+    try:
+        return connect().lpop(key, batch) or []
+    except Exception:  # noqa: BLE001 - any connection failure is the same to a consumer: retry later
+        return None
+
+
 def decode(data: bytes) -> list:
     return msgpack.unpackb(data, raw=False)

@@ -186,9 +186,8 @@ class Recorder:
 
     def poll(self, batch: int = 1000) -> int:
         """Consume what is in the channel now; returns the number of records handled."""
-        try:
-            items = self._redis().lpop(self.key, batch)
-        except Exception:  # noqa: BLE001 - the ledger Redis restarting: try again next round
+        items = ledger.pop_batch(self._redis, self.key, batch)
+        if items is None:
             self._client = None
             return 0
         if not items:

@@ -200,10 +200,12 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @run_options
 @click.option("--web-port", default=8089, show_default=True, type=click.IntRange(1, 65535),
               help="Port of the Locust web UI (bound to 127.0.0.1 only)")
-@click.option("--out", default=None, help="Directory for logs and Locust CSVs (default reports/runs/<UTC-timestamp>-ui/)")
+@click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
+                                          "(default reports/runs/<UTC-timestamp>-ui/)")
 def ui(scenario, web_port, out, **options):
-    """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios in the UI; Ctrl-C stops
-    every process. SCENARIO (default smoke) sets the users and spawn rate the form starts with."""
+    """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios in the UI; each swarm's
+    report is written when it stops; Ctrl-C stops every process. SCENARIO (default smoke) sets the users and spawn
+    rate the form starts with."""
     from loadtests.scenarios import get_scenario
     from loadtests.webui import port_free, serve
 

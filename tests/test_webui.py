@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -64,70 +65,298 @@ def metric_value(page, metric: str) -> str:
     return row.first.locator("td").nth(1).inner_text().strip() if row.count() else ""
 
 
-@pytest.mark.timeout(120)
+SMOKE_CLASSES = ("Smoke_CeleryTaskUser", "Smoke_ApiTaskUser")
+
+
+def start_ui(run_dir: Path, port: int) -> subprocess.Popen:
+    log = (run_dir / "ui-stdout.log").open("w")
+    proc = subprocess.Popen([LOADLAB, "ui", "--web-port", str(port), "--out", str(run_dir)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    log.close()  # the child has its own descriptor
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: ui_ready(url) or proc.poll() is not None, 60, 0.2, "the web UI")
+    assert proc.poll() is None, (run_dir / "ui-stdout.log").read_text()
+    return proc
+
+
+def stop_ui(proc: subprocess.Popen, run_dir: Path, stop_signal=signal.SIGINT) -> int:
+    if proc.poll() is None:
+        proc.send_signal(stop_signal)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def validate_report(path: Path) -> dict:
+    import jsonschema
+
+    from reports.report import SCHEMA_PATH
+
+    report = json.loads(path.read_text())
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()),
+                                    format_checker=jsonschema.FormatChecker()).validate(report)
+    return report
+
+
+def wait_reported(url: str, swarm: int, timeout: float = 60) -> dict:
+    """The tab's JSON once the swarm's drain is over and its report written (the window then says "reported")."""
+    def reported():
+        stats = get_json(f"{url}/celery/stats")
+        window = stats["window"]
+        return stats if window["swarm"] == swarm and window["state"] == "reported" else None
+    return wait_until(reported, timeout, 0.2, f"the report of swarm {swarm}")
+
+
+def locust_submissions(report_dir: Path, task: str | None = None) -> int:
+    """Tasks Locust saw submitted in a swarm, from its own table as the report saved it (``locust/locust_stats.csv``;
+    ``/stats/requests`` is memoized by Locust for ~2 s, so it can answer from before the stop): successful
+    ``publish <task>`` requests (the Celery user) and ``POST /tasks/<task>`` (the API user; a 202 means published)
+    — independent of loadlab's ledger.
+
+    locust_gap: the two differ by at most one task per user at each boundary, either way. At a *reset*, a publish
+    under way was sent before it (not in the ledger's window) and is answered after it (in Locust's table). At a
+    *stop*, Locust kills the users that wait; one whose wake-up was already due runs on into its next task and the
+    kill lands inside the publish: the broker has the task (it runs; the ledger counts it, from its SENT record or,
+    without one, from its worker record), Locust never gets the request event."""
+    import csv
+
+    with (report_dir / "locust" / "locust_stats.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    names = (f"publish {task}", f"/tasks/{task}") if task else None
+    return sum(int(r["Request Count"]) - int(r["Failure Count"]) for r in rows
+               if ((r["Type"] == "celery" and r["Name"].startswith("publish "))
+                   or (r["Type"] == "POST" and r["Name"].startswith("/tasks/")))
+               and (names is None or r["Name"] in names))
+
+
+def assert_ledger_adds_up(report: dict) -> None:
+    """Every task of the swarm was followed to its end: drained, none lost, one end-to-end sample each."""
+    t = report["tasks"]
+    assert t["submitted"] > 0 and t["lost"] == 0 and report["drain"]["completed"], t
+    assert t["submitted"] == t["succeeded"] + t["failed"] + t["revoked"] + t["rejected"] + t["lost"]
+    assert report["latency_ms"]["end_to_end"]["count"] == t["succeeded"] + t["failed"]
+    assert report["latency_ms"]["publish"]["count"] <= t["submitted"]
+
+
+def assert_report_is_the_tabs(report: dict, stats: dict) -> None:
+    """The report's ledger is the one the tab (its JSON) showed once the report was written, and it adds up."""
+    assert_ledger_adds_up(report)
+    for key in ("submitted", "succeeded", "failed", "revoked", "rejected"):
+        assert report["tasks"][key] == stats["tasks"][key], (key, report["tasks"], stats["tasks"])
+    assert stats["tasks"]["in_flight"] == 0
+    assert report["tasks"]["retried"] == stats["retries"]["retried"]
+    assert report["retries"]["tasks_retried"] == stats["retries"]["tasks_retried"]
+    assert report["latency_ms"] == stats["latency_ms"]
+
+
+def pick_smoke(page, users: int) -> None:
+    """In the start form (the page's, or the "New" dialog's, the only one open): the smoke scenario's two classes
+    only (the first row with a checkbox is the picker's select-all), ``users`` users started at once."""
+    page.locator("tr", has=page.locator("input[type=checkbox]")).first.locator("input[type=checkbox]").uncheck()
+    for name in SMOKE_CLASSES:
+        page.locator("tr", has_text=name).locator("input[type=checkbox]").check()
+    page.fill("input[name=userCount]", str(users))
+    page.fill("input[name=spawnRate]", str(users))
+
+
+def wait_tab(page, predicate, timeout_s: float, what: str):
+    """Polls the Celery tab (the UI refreshes it every 2 s) until ``predicate(page)`` holds or the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate(page)
+        if value:
+            return value
+        page.wait_for_timeout(250)
+    pytest.fail(f"the Celery tab never showed {what}:\n{page.locator('table').last.inner_text()}")
+
+
+def tab_int(page, metric: str) -> int | None:
+    value = metric_value(page, metric)
+    return int(value) if value.isdigit() else None
+
+
+def show_stopped(page, url: str) -> None:
+    """Locust's page polls its stats only while a test spawns or runs, so after a stop it can stay on what its last
+    poll saw (even the runner's brief "cleanup" state, with no "New" button): once the runner says "stopped",
+    reload it, as a user would, and go back to the Celery tab."""
+    wait_until(lambda: get_json(f"{url}/stats/requests")["state"] == "stopped", 15, 0.2, "Locust to stop")
+    page.reload()
+    page.get_by_role("tab", name="Celery").click()
+
+
+@pytest.mark.timeout(240)
 def test_celery_tab_in_headless_chromium(run_dir):
+    """Two swarms from the browser: the tab's counts restart on "Reset stats" and on a new swarm, and each stopped
+    swarm gets a report (run_dir/swarm-NNN/) that validates, adds up, is what the tab showed, and matches what
+    Locust saw submitted."""
     chromium = need_chromium()
     from playwright.sync_api import sync_playwright
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (run_dir / "ui-stdout.log").open("w")
-    proc = subprocess.Popen([LOADLAB, "ui", "--web-port", str(port), "--out", str(run_dir)], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = start_ui(run_dir, port)
     try:
-        wait_until(lambda: ui_ready(url) or proc.poll() is not None, 60, 0.2, "the web UI")
-        assert proc.poll() is None, (run_dir / "ui-stdout.log").read_text()
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page = browser.new_page(viewport={"width": 1280, "height": 1100})
                 page.goto(url)
                 # scenarios are user classes in the picker: start from none, pick the smoke scenario's two classes
-                page.locator("table tr").first.locator("input[type=checkbox]").uncheck()
-                for name in ("Smoke_CeleryTaskUser", "Smoke_ApiTaskUser"):
-                    page.locator("tr", has_text=name).locator("input[type=checkbox]").check()
-                page.fill("input[name=userCount]", "4")
-                page.fill("input[name=spawnRate]", "4")
+                pick_smoke(page, 4)
                 page.get_by_role("button", name="Start").click()
                 page.get_by_role("tab", name="Celery").click()
                 page.wait_for_selector("td:has-text('Tasks succeeded')", timeout=15_000)
-                deadline = time.monotonic() + 25
-                while time.monotonic() < deadline:
-                    succeeded = metric_value(page, "Tasks succeeded")
-                    e2e = metric_value(page, "Latency end to end")
-                    if succeeded.isdigit() and int(succeeded) >= 20 and e2e.isdigit() and int(e2e) > 0:
-                        break
-                    page.wait_for_timeout(500)
-                else:
-                    pytest.fail(f"the Celery tab never showed finished tasks:\n{page.locator('table').last.inner_text()}")
+
+                # --- swarm 1 runs: the tab fills from the recorder
+                wait_tab(page, lambda p: (tab_int(p, "Tasks succeeded") or 0) >= 20
+                         and (tab_int(p, "Latency end to end") or 0) > 0, 25, "finished tasks")
                 assert metric_value(page, "Workers up") == "1 / 1"
                 assert metric_value(page, "Queue depth (celery)").isdigit()
-                assert int(metric_value(page, "Tasks submitted")) >= int(succeeded)
+                assert tab_int(page, "Tasks submitted") >= tab_int(page, "Tasks succeeded")
+                assert metric_value(page, "Swarm") == "1"
+                assert "(swarm start)" in metric_value(page, "Counted since")
+                # the selection reached the server: only the smoke scenario's classes run
+                tasks = get_json(f"{url}/tasks")
+                assert set(tasks["per_class"]) == set(SMOKE_CLASSES)
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 shot = ARTIFACTS / "webui-celery-tab.png"
                 page.screenshot(path=str(shot), full_page=True)
-                print(f"\nscreenshot of the Celery tab: {shot}")
-                # the selection reached the server: only the smoke scenario's classes run
-                tasks = get_json(f"{url}/tasks")
-                assert set(tasks["per_class"]) == {"Smoke_CeleryTaskUser", "Smoke_ApiTaskUser"}
+                print(f"\nscreenshot of the Celery tab (swarm 1 running): {shot}")
+
+                # --- "Reset stats" while it runs: the counts restart; tasks sent before are not counted after
+                before = get_json(f"{url}/celery/stats")
+                assert before["tasks"]["submitted"] >= 20
+                with page.expect_response(lambda r: r.url.endswith("/stats/reset")):
+                    reset_at = time.time()
+                    page.get_by_role("button", name="Reset").click()
+                after = get_json(f"{url}/celery/stats")
+                assert after["window"]["counted_from"] == "reset_stats" and after["window"]["swarm"] == 1
+                assert reset_at - 1 <= after["since"] <= time.time()
+                assert after["tasks"]["submitted"] < before["tasks"]["submitted"] // 2, after["tasks"]
+                assert after["latency_ms"]["end_to_end"]["count"] < before["latency_ms"]["end_to_end"]["count"]
+                wait_tab(page, lambda p: "(Reset stats)" in metric_value(p, "Counted since")
+                         and (tab_int(p, "Tasks succeeded") or 0) >= 10, 20, "counts from the reset")
+
+                # --- stop swarm 1: drained, report written, the tab shows it and where it is
+                page.get_by_role("button", name="Stop").click()
+                stats1 = wait_reported(url, 1)
+                report1 = validate_report(run_dir / "swarm-001" / "report.json")
+                assert_report_is_the_tabs(report1, stats1)
+                assert report1["scenario"] == "smoke" and report1["ui"]["counted_from"] == "Reset stats"
+                assert report1["started_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(after["since"]))
+                # Locust's own table restarted at the same reset (see locust_submissions for the bound)
+                locust1 = locust_submissions(run_dir / "swarm-001")
+                assert abs(locust1 - report1["tasks"]["submitted"]) <= 4, report1["ui"]
+                for name in ("report.html", "summary.md", "locust/locust_stats.csv"):
+                    assert (run_dir / "swarm-001" / name).is_file(), name
+                show_stopped(page, url)
+                wait_tab(page, lambda p: "swarm-001/report.html" in metric_value(p, "Report"), 10, "the report path")
+                assert tab_int(page, "Tasks submitted") == report1["tasks"]["submitted"]
+                shot = ARTIFACTS / "webui-celery-tab-stopped.png"
+                page.screenshot(path=str(shot), full_page=True)
+                print(f"screenshot of the Celery tab (swarm 1 stopped, report written): {shot}")
+
+                # --- "Reset stats" while stopped: an empty window, the written report untouched
+                page.get_by_role("button", name="Reset").click()
+                wait_tab(page, lambda p: tab_int(p, "Tasks submitted") == 0 and tab_int(p, "Tasks succeeded") == 0
+                         and tab_int(p, "Latency end to end") == 0 and metric_value(p, "Swarm") == "none running",
+                         10, "zero counts after the reset")
+                assert json.loads((run_dir / "swarm-001" / "report.json").read_text()) == report1
+
+                # --- a new swarm: counted from its own start
+                page.get_by_role("button", name="New").click()
+                page.get_by_text("Start new load test").wait_for()
+                pick_smoke(page, 2)
+                started_at = time.time()
+                page.get_by_role("button", name="Start").click()
+                page.get_by_role("tab", name="Celery").click()
+                wait_tab(page, lambda p: metric_value(p, "Swarm") == "2" and "(swarm start)" in metric_value(
+                    p, "Counted since") and (tab_int(p, "Tasks succeeded") or 0) >= 10, 25, "swarm 2's tasks")
+                window = get_json(f"{url}/celery/stats")["window"]
+                assert window["counted_from"] == "test_start" and window["started_at"] >= started_at - 1
+                page.get_by_role("button", name="Stop").click()
+                stats2 = wait_reported(url, 2)
+                report2 = validate_report(run_dir / "swarm-002" / "report.json")
+                assert_report_is_the_tabs(report2, stats2)
+                assert report2["ui"]["counted_from"] == "the start of the swarm"
+                # its window and Locust's table start at the same test_start: only the stop can make them differ
+                locust2 = locust_submissions(run_dir / "swarm-002")
+                assert 0 <= report2["tasks"]["submitted"] - locust2 <= 2, report2["ui"]
+                show_stopped(page, url)
+                wait_tab(page, lambda p: "swarm-002/report.html" in metric_value(p, "Report"), 10, "the report path")
+                assert tab_int(page, "Tasks submitted") == report2["tasks"]["submitted"]
             finally:
                 browser.close()
-        stats = get_json(f"{url}/celery/stats")
-        t = stats["tasks"]
-        assert t["succeeded"] > 0 and t["submitted"] >= t["succeeded"] + t["failed"]
-        assert stats["latency_ms"]["end_to_end"]["count"] > 0 and stats["latency_ms"]["end_to_end"]["p99"] > 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.close()
-    assert code == 0, (run_dir / "ui-stdout.log").read_text()
+        code = stop_ui(proc, run_dir)
+    output = (run_dir / "ui-stdout.log").read_text()
+    assert code == 0, output
     wait_until(lambda: not processes_mentioning(str(run_dir)), 15, 0.2, "every process of the stack to exit")
     assert (run_dir / "settings.json").is_file() and (run_dir / "logs").is_dir()
+    # the terminal said where each report is (on one line, whatever its width); quitting with no swarm running
+    # adds none
+    for n in (1, 2):
+        assert f"report: {run_dir / f'swarm-{n:03d}' / 'report.html'}\n" in output, output
+    assert sorted(p.name for p in run_dir.glob("swarm-*")) == ["swarm-001", "swarm-002"]
+
+
+def post_form(url: str, path: str, form: dict | None = None) -> dict | str:
+    request = urllib.request.Request(f"{url}{path}", method="POST",
+                                     data=urllib.parse.urlencode(form or {}, doseq=True).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read().decode()
+    return json.loads(body) if body.startswith("{") else body
+
+
+@pytest.mark.timeout(150)
+def test_new_swarm_while_the_last_drains_then_quit(run_dir):
+    """Over HTTP (the form's endpoints): a retry-storm swarm is stopped and a smoke swarm started at once, while the
+    first one's tasks still wait for their retries. Each window keeps its own tasks: the first drains to a report
+    with every task accounted for while the second runs; SIGTERM then stops the second, which gets its report too
+    before the stack stops."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_ui(run_dir, port)
+    try:
+        assert post_form(url, "/swarm", {"user_count": 3, "spawn_rate": 3, "host": "",
+                                         "user_classes": ["RetryStorm_CeleryTaskUser"]})["success"]
+        wait_until(lambda: get_json(f"{url}/celery/stats")["retries"]["retried"] >= 5, 25, 0.2, "retries")
+        post_form(url, "/stop")  # returns once Locust's users have stopped: test_stop has fired
+        assert post_form(url, "/swarm", {"user_count": 3, "spawn_rate": 3, "host": "",
+                                         "user_classes": list(SMOKE_CLASSES)})["success"]
+        stats = get_json(f"{url}/celery/stats")
+        window = stats["window"]
+        assert window["swarm"] == 2 and window["counted_from"] == "test_start", window
+        (draining,) = window["earlier_swarms_draining"]
+        assert draining["swarm"] == 1, window
+        print(f"\nswarm 1 still had {draining['in_flight']} tasks in flight when swarm 2 started")
+        assert stats["tasks"]["submitted"] <= 3, stats["tasks"]  # swarm 2's first publishes at most
+        report1 = validate_report(wait_until(lambda: (path := run_dir / "swarm-001" / "report.json").is_file()
+                                             and path, 45, 0.2, "the report of swarm 1"))
+        wait_until(lambda: get_json(f"{url}/celery/stats")["tasks"]["succeeded"] >= 15, 25, 0.2, "swarm 2's tasks")
+    finally:
+        code = stop_ui(proc, run_dir, signal.SIGTERM)
+    output = (run_dir / "ui-stdout.log").read_text()
+    assert code in (0, 128 + signal.SIGTERM), output
+
+    # swarm 1: every task, retried ones included, followed to its end in its own window
+    assert_ledger_adds_up(report1)
+    assert report1["scenario"] == "retry-storm" and report1["tasks"]["retried"] > 0
+    assert set(report1["latency_ms_extra"]["end_to_end_by_task"]) == {"flaky"}
+    assert 0 <= report1["tasks"]["submitted"] - locust_submissions(run_dir / "swarm-001") <= 3, report1["ui"]
+    # swarm 2 (stopped by SIGTERM): none of swarm 1's tasks, not even those that finished during it
+    report2 = validate_report(run_dir / "swarm-002" / "report.json")
+    assert_ledger_adds_up(report2)
+    assert report2["scenario"] == "smoke" and report2["tasks"]["submitted"] >= 15
+    assert 0 <= report2["tasks"]["submitted"] - locust_submissions(run_dir / "swarm-002") <= 3, report2["ui"]
+    flaky2 = report2["latency_ms_extra"]["end_to_end_by_task"].get("flaky", {"count": 0})["count"]
+    assert flaky2 <= locust_submissions(run_dir / "swarm-002", task="flaky") + 3
+    for n in (1, 2):
+        assert (run_dir / f"swarm-{n:03d}" / "report.html").is_file()
+        assert f"report: {run_dir / f'swarm-{n:03d}' / 'report.html'}\n" in output, output
+    wait_until(lambda: not processes_mentioning(str(run_dir)), 15, 0.2, "every process of the stack to exit")
 
 
 # Importing Locust monkey-patches the importing process with gevent, so the endpoint is exercised in a process of its
