@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 from celery import signals
@@ -220,8 +222,6 @@ class JsonLinesSpanProcessor:
     MAX_DELAY_S = 1.0
 
     def __init__(self, exporter: "JsonLinesSpanExporter"):
-        import threading
-
         self.exporter = exporter
         self._lock = threading.Lock()
         self._lines: list[str] = []
@@ -232,8 +232,6 @@ class JsonLinesSpanProcessor:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        import threading
-
         self._lock = threading.Lock()
         self._lines, self._first_at = [], None  # the parent's spans are the parent's to write
         self._stop = threading.Event()
@@ -248,8 +246,6 @@ class JsonLinesSpanProcessor:
     def on_end(self, span) -> None:
         if not span.context.trace_flags.sampled:
             return
-        import time
-
         line = self.exporter.line(span)
         now = time.monotonic()
         with self._lock:
@@ -263,8 +259,6 @@ class JsonLinesSpanProcessor:
         self.exporter.write_lines(lines)
 
     def _ensure_timer(self) -> None:
-        import threading
-
         if self._timer is not None and self._timer_pid == os.getpid():
             return
         self._timer_pid = os.getpid()
@@ -272,8 +266,6 @@ class JsonLinesSpanProcessor:
         self._timer.start()
 
     def _flush_stale(self) -> None:
-        import time
-
         while not self._stop.wait(self.MAX_DELAY_S):
             with self._lock:
                 stale = self._first_at is not None and time.monotonic() - self._first_at >= self.MAX_DELAY_S

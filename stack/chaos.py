@@ -188,26 +188,23 @@ def apply(fault: Fault, stack, log=print) -> None:
         stack.restart(stack.workers[0])
         stack.wait_worker(1)
         fault.detail = f"{how}killed and restarted {stack.workers[0].name}"
-    elif fault.kind == "restart-broker":
-        if stack.redis is None:
-            fault.detail = "the broker is external: loadlab cannot restart it (skipped)"
+    else:
+        # the restartable services: (Stack attribute, readiness wait, text when absent, text when done)
+        attribute, wait, absent, done = {
+            "restart-broker": ("redis", stack.wait_redis, "the broker is external: loadlab cannot restart it (skipped)",
+                               "killed and restarted the embedded Redis broker"),
+            "restart-api": ("api", stack.wait_api, "no API in this stack (skipped)",
+                            "killed and restarted the producer API"),
+            "kill-exporter": ("exporter", None, "no exporter (metrics off): skipped",
+                              "killed and restarted the exporter"),
+        }[fault.kind]
+        if getattr(stack, attribute) is None:
+            fault.detail = absent
         else:
-            stack.restart(stack.redis)
-            stack.wait_redis()
-            fault.detail = "killed and restarted the embedded Redis broker"
-    elif fault.kind == "restart-api":
-        if stack.api is None:
-            fault.detail = "no API in this stack (skipped)"
-        else:
-            stack.restart(stack.api)
-            stack.wait_api()
-            fault.detail = "killed and restarted the producer API"
-    elif fault.kind == "kill-exporter":
-        if stack.exporter is None:
-            fault.detail = "no exporter (metrics off): skipped"
-        else:
-            stack.restart(stack.exporter)
-            fault.detail = "killed and restarted the exporter"
+            stack.restart(getattr(stack, attribute))
+            if wait is not None:
+                wait()
+            fault.detail = done
     fault.recovered_s = round(time.monotonic() - started, 3)
     log(f"chaos: {fault.kind} at {fault.at_s:g}s: {fault.detail} (whole again after {fault.recovered_s:.1f}s)")
 
