@@ -28,8 +28,10 @@ def test_reference_tasks_run_on_real_workers(broker, backend, run_dir, request):
     elif backend == "postgres":
         backend = request.getfixturevalue("postgres_db")
     queue = unique("loadlab-test-")
+    # Retries 1 s then 2 s apart, not at once: Celery publishes a retry before it stores RETRY, so with a zero
+    # delay the last attempt's FAILURE can land first and the earlier attempt's RETRY overwrite it.
     settings = Settings.build(broker=broker, backend=backend, queue=queue, run_id=unique(), concurrency="2",
-                              retry_backoff_s="0", retry_max_retries="2")
+                              retry_backoff_s="1", retry_jitter="false", retry_max_retries="2")
     with Stack(settings, run_dir, api=False) as stack:
         app = stack.app
         try:
