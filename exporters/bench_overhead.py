@@ -35,7 +35,8 @@ CONFIGS = (
     ("metrics+sampled", "on", "sampled"),
     ("all traced", "on", "all"),
 )
-TARGETS = {"metrics": 0.97, "metrics+sampled": 0.97, "all traced": 0.90}
+# issue #3: the default instrumentation (metrics on, tracing off) >= 0.97 x bare; every task traced >= 0.90 x
+TARGETS = {"metrics": 0.97, "all traced": 0.90}
 NOOP = "loadlab.noop"
 
 

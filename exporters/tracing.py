@@ -1,15 +1,21 @@
 """OpenTelemetry tracing of the stack: one trace per submitted task, API request -> publish -> run -> result store.
 
 The contrib instrumentations do the spans: Celery (publish and run, context in the message headers), FastAPI (the
-API request) and Redis — on the result backend's client only, so the result store shows up inside the run span
-while the broker's polling and the harness's own ledger pushes stay out of the traces.
+API request) and Redis — on the API's result backend client only, so a status lookup shows up inside its request
+span while the broker's polling and the harness's own ledger pushes stay out of the traces.
 
-Where the contrib code has gaps, this module fills them:
+Where the contrib code has gaps, or costs more than the stack it watches, this module fills them:
 - per pool child: the provider, the span processor's thread and the Celery instrumentation are set up in
   ``worker_process_init`` (never in the prefork MainProcess, which runs no task and must not fork with a live
   exporter thread); threads/solo/gevent pools set up in the MainProcess at ``worker_init``;
 - a child that exits (``max_tasks_per_child`` recycling included) leaves through ``os._exit``, so no atexit handler
   runs and the batch processor's queued spans would be lost: ``worker_process_shutdown`` flushes them;
+- the result store is one ``store_result/<task>`` span around Celery's ``Backend.store_result``, for every backend
+  (Redis, SQL, …). On Redis the contrib instrumentation made two spans of it (the ``GET`` Celery reads first and
+  the ``SETEX``+``PUBLISH`` pipeline) and was the costliest part of a traced task; SQL backends had no span at all;
+- contrib Celery's ``set_attributes_from_context`` sets up to 19 attributes per span one by one, some of them the
+  ``str()`` of a dict (``delivery_info``). It is replaced by one ``set_attributes`` call with the attributes people
+  query: message id, destination, hostname, state, retries, eta, countdown and expires;
 - the batch queue is sized so a burst does not drop spans before the next export.
 
 ``--tracing all`` samples every trace, ``sampled`` keeps ``trace_sample_ratio`` of new traces (parent-based: a task
@@ -45,7 +51,7 @@ def install(app, settings, role: str) -> None:
         return
     _state["app"], _state["settings"] = app, settings
     if role != "worker":
-        setup(app, settings, f"loadlab-{role}")
+        setup(app, settings, f"loadlab-{role}", result_store="redis-client")
         return
     if _state["worker_hooks"]:
         return
@@ -57,8 +63,9 @@ def install(app, settings, role: str) -> None:
     signals.worker_shutdown.connect(_flush_on_exit, weak=False, dispatch_uid="loadlab-tracing-worker-exit")
 
 
-def setup(app, settings, service: str):
-    """Provider, exporter and instrumentations for this process (once)."""
+def setup(app, settings, service: str, result_store: str = "span"):
+    """Provider, exporter and instrumentations for this process (once). ``result_store``: ``"span"`` (processes that
+    run tasks: one span per result store) or ``"redis-client"`` (the API: contrib Redis spans for status reads)."""
     if _state["provider"] is not None:
         return _state["provider"]
     from opentelemetry import trace
@@ -78,8 +85,12 @@ def setup(app, settings, service: str):
                                                        max_export_batch_size=512))
     trace.set_tracer_provider(provider)
     _state["provider"] = provider
+    lean_celery_attributes()
     CeleryInstrumentor().instrument(tracer_provider=provider)
-    instrument_result_backend(app, provider)
+    if result_store == "span":
+        trace_result_store(app, provider)
+    else:
+        instrument_result_backend(app, provider)
     return provider
 
 
@@ -121,6 +132,118 @@ def span_exporter(settings):
         return span_exporter_class()()
     directory = Path(settings.run_dir) if settings.run_dir else Path.cwd()
     return JsonLinesSpanExporter(directory / TRACES_FILE)
+
+
+# --- Celery spans: lean attributes, the result store ------------------------------------------------------------------
+# context key -> attribute (OTel messaging semconv where there is one, contrib Celery's names otherwise)
+_LEAN_ATTRIBUTES = (("id", "messaging.message.id"), ("routing_key", "messaging.destination"),
+                    ("hostname", "celery.hostname"), ("origin", "celery.hostname"), ("state", "celery.state"),
+                    ("retries", "celery.retries"), ("eta", "celery.eta"), ("countdown", "celery.countdown"),
+                    ("expires", "celery.expires"))
+_ATTRIBUTE_TYPES = (str, bool, int, float)
+
+
+def set_lean_attributes(span, context) -> None:
+    """contrib Celery's ``set_attributes_from_context``, cut to the attributes people query and set in one call."""
+    if not span.is_recording():
+        return
+    get = context.get
+    attributes = {}
+    for key, name in _LEAN_ATTRIBUTES:
+        value = get(key)
+        if value is not None and value != "" and value != 0 and isinstance(value, _ATTRIBUTE_TYPES):
+            attributes[name] = value
+    delivery_info = get("delivery_info")
+    if delivery_info and "messaging.destination" not in attributes:
+        routing_key = delivery_info.get("routing_key")
+        if routing_key:
+            attributes["messaging.destination"] = routing_key
+    if attributes:
+        span.set_attributes(attributes)
+
+
+class _UnregisteredTask:
+    """Stands in for a task this process only knows by name (``send_task`` of another app's task). contrib Celery
+    keeps the publish span on the task object; without one nothing holds the span, it ends as soon as
+    ``before_task_publish`` returns, and the publish it should time is left out of it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_SENDERS: dict = {}
+_MAX_SENDERS = 10_000
+
+
+def task_from_sender(kwargs):
+    """contrib Celery's ``retrieve_task_from_sender`` (twice per publish), with the registry lookup remembered and
+    a stand-in for unregistered names."""
+    sender = kwargs.get("sender")
+    if sender is None or not isinstance(sender, str):
+        return sender  # retry and failure signals send the task object itself
+    task = _SENDERS.get(sender)
+    if task is None:
+        from celery import current_app
+
+        task = current_app.tasks.get(sender) or _UnregisteredTask(sender)
+        if len(_SENDERS) < _MAX_SENDERS:
+            _SENDERS[sender] = task
+    return task
+
+
+def lean_celery_attributes() -> None:
+    from opentelemetry.instrumentation.celery import utils
+
+    # contrib looks these up on the module at every call
+    utils.set_attributes_from_context = set_lean_attributes
+    utils.retrieve_task_from_sender = task_from_sender
+
+
+def trace_result_store(app, provider) -> None:
+    """One ``store_result/<task>`` CLIENT span (a child of the run span) around the backend's ``store_result``."""
+    try:
+        backend_class = type(app.backend)
+    except Exception:  # noqa: BLE001 - a backend that cannot be built now fails later, where it is used
+        return
+    store_result = backend_class.store_result
+    if getattr(store_result, "__loadlab_traced__", False):
+        return
+    from opentelemetry import trace
+
+    tracer = provider.get_tracer("loadlab.result_store")
+    current_span = trace.get_current_span
+    client = trace.SpanKind.CLIENT
+    db_system = result_backend_system(app)
+
+    def traced_store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        if not current_span().is_recording():  # outside a sampled run span: no span of its own either
+            return store_result(self, task_id, result, state, traceback, request, **kwargs)
+        name = getattr(request, "task", None) if request is not None else None
+        # a leaf (the worker's backend calls are not traced inside it): never made the current span
+        span = tracer.start_span(f"store_result/{name}" if name else "store_result", kind=client,
+                                 attributes={"celery.action": "store_result", "celery.state": state,
+                                             "messaging.message.id": task_id, "db.system": db_system})
+        try:
+            return store_result(self, task_id, result, state, traceback, request, **kwargs)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+            raise
+        finally:
+            span.end()
+
+    traced_store_result.__loadlab_traced__ = True
+    traced_store_result.__wrapped__ = store_result
+    backend_class.store_result = traced_store_result
+
+
+def result_backend_system(app) -> str:
+    """``db.system`` of the result backend: the URL's scheme, or the SQL dialect for ``db+<dialect>://``."""
+    url = str(app.conf.result_backend or "")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme.startswith("db+"):
+        scheme = scheme[3:].split("+", 1)[0]
+    return {"rediss": "redis", "sentinel": "redis", "postgres": "postgresql"}.get(scheme, scheme or "unknown")
 
 
 def instrument_result_backend(app, provider) -> None:
@@ -380,11 +503,31 @@ def encode_span_json(span) -> str:
     return "".join(parts)
 
 
+_FRAGMENTS: dict = {}       # (key, str value) -> encoded attribute: most values repeat (task names, states, hosts)
+_MAX_FRAGMENTS = 4096       # unique values (message ids) pass through; the cache is emptied when full
+
+
 def _attributes_json(attributes) -> str:
     if not attributes:
         return "[]"
-    return "[" + ",".join('{"key":' + _quote(key) + ',"value":' + _any_value_json(value) + "}"
-                          for key, value in attributes.items()) + "]"
+    fragments = _FRAGMENTS
+    parts = []
+    for item in attributes.items():
+        if item[1].__class__ is not str:  # only strings: True, 1 and 1.0 are equal keys but encode differently
+            parts.append(_attribute_json(*item))
+            continue
+        fragment = fragments.get(item)
+        if fragment is None:
+            fragment = _attribute_json(*item)
+            if len(fragments) >= _MAX_FRAGMENTS:
+                fragments.clear()
+            fragments[item] = fragment
+        parts.append(fragment)
+    return "[" + ",".join(parts) + "]"
+
+
+def _attribute_json(key, value) -> str:
+    return '{"key":' + _quote(key) + ',"value":' + _any_value_json(value) + "}"
 
 
 def _any_value_json(value) -> str:

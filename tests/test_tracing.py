@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from exporters import tracing
 from stack.settings import Settings
 from stack.supervisor import Stack
-from tests.conftest import processes_mentioning, unique, wait_until
+from tests.conftest import MACHINE_REDIS, need_service, processes_mentioning, unique, wait_until
 from tests.test_metrics import parse_prom, total
 
 CONSUMER, PRODUCER, SERVER, CLIENT = 5, 4, 2, 3
@@ -193,3 +196,68 @@ def test_write_through_processor_batches_flushes_idle_buffers_and_never_duplicat
                        processor.MAX_LINES + 2 else None, timeout=5 * processor.MAX_DELAY_S, what="the idle flush")
     assert names["buffered"] == 1 and names["child"] == 1
     processor.shutdown()
+
+
+def test_the_result_store_is_one_span_inside_the_run_span_on_a_sql_backend_too(tmp_path):
+    run_dir = tmp_path / unique("run")
+    settings = Settings.build(run_id=unique(), run_dir=str(run_dir), tracing="all", metrics="off",
+                              backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}", concurrency="1")
+    with Stack(settings, run_dir, api=False) as stack:
+        task_id = stack.app.send_task("loadlab.noop").id
+        stack.app.AsyncResult(task_id).get(timeout=30)
+        traces = run_dir / tracing.TRACES_FILE
+
+        def spans_of_the_task():
+            spans = [s for s in read_spans(traces) if s["attrs"].get("messaging.message.id") == task_id]
+            return spans if {s["kind"] for s in spans} >= {CONSUMER, CLIENT} else None
+
+        spans = wait_until(spans_of_the_task, 20, 0.25, "the run and result store spans in traces.jsonl")
+    (run,) = [s for s in spans if s["kind"] == CONSUMER]
+    (store,) = [s for s in spans if s["kind"] == CLIENT]
+    assert store["name"] == "store_result/loadlab.noop" and store["parentSpanId"] == run["spanId"]
+    assert (store["attrs"]["db.system"], store["attrs"]["celery.state"]) == ("sqlite", "SUCCESS")
+    assert run["startTimeUnixNano"] <= store["startTimeUnixNano"] <= store["endTimeUnixNano"] <= run["endTimeUnixNano"]
+
+
+PUBLISH_UNREGISTERED = """
+import json, sys, time
+from celery import signals
+from exporters import tracing
+from stack.app import make_app
+from stack.settings import Settings
+
+published_at = {}  # connected before the tracing: runs first, once the broker has the message
+
+
+@signals.after_task_publish.connect(weak=False)
+def _published(headers=None, **_):
+    published_at[headers["id"]] = time.time_ns()
+
+
+settings = Settings.build(tracing="all", metrics="off", run_dir=sys.argv[1], broker=sys.argv[2], queue=sys.argv[3])
+app = make_app(settings)
+for _ in range(2):
+    app.send_task("elsewhere.not_registered_here")
+tracing._state["provider"].force_flush()
+print(json.dumps(published_at))
+"""
+
+
+def test_the_publish_span_of_a_task_this_process_does_not_register_covers_the_publish(tmp_path):
+    # contrib Celery keeps no handle on such a span: it ended when before_task_publish returned, before the send
+    need_service("Redis", "127.0.0.1", 6379)
+    queue = unique("loadlab-test-")
+    script = tmp_path / "publish.py"
+    script.write_text(PUBLISH_UNREGISTERED)
+    try:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), f"{MACHINE_REDIS}/0", queue],
+                              capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        redis.Redis.from_url(f"{MACHINE_REDIS}/0").delete(queue)
+    published_at = json.loads(done.stdout.strip().splitlines()[-1])
+    spans = read_spans(tmp_path / tracing.TRACES_FILE)
+    assert [s["name"] for s in spans] == ["apply_async/elsewhere.not_registered_here"] * 2
+    assert all("parentSpanId" not in s for s in spans)  # two root spans: neither nested under the other
+    for span in spans:
+        assert int(span["endTimeUnixNano"]) >= published_at[span["attrs"]["messaging.message.id"]]
