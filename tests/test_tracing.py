@@ -261,3 +261,46 @@ def test_the_publish_span_of_a_task_this_process_does_not_register_covers_the_pu
     assert all("parentSpanId" not in s for s in spans)  # two root spans: neither nested under the other
     for span in spans:
         assert int(span["endTimeUnixNano"]) >= published_at[span["attrs"]["messaging.message.id"]]
+
+
+def test_sampled_tracing_keeps_whole_traces_and_leaves_unsampled_tasks_without_spans(tmp_path):
+    run_dir = tmp_path / unique("run")
+    settings = Settings.build(run_id=unique(), run_dir=str(run_dir), tracing="sampled", trace_sample_ratio="0.5",
+                              metrics="off", concurrency="2", retry_backoff_s="0", retry_max_retries="1")
+    with Stack(settings, run_dir, api=True) as stack:
+        api = stack.settings.api_url
+        with httpx.Client(base_url=api, timeout=10) as client:
+            ids = {client.post("/tasks/noop", json={}).json()["id"]: 1 for _ in range(40)}
+            ids |= {client.post("/tasks/flaky", json={"p": 1.0}).json()["id"]: 2 for _ in range(20)}  # 2 attempts
+
+            def all_finished():
+                return all(client.get(f"/tasks/{i}").json()["state"] in ("SUCCESS", "FAILURE") for i in ids)
+
+            wait_until(all_finished, 60, 0.25, "every task to finish")
+        traces = run_dir / tracing.TRACES_FILE
+
+        def spans_by_trace():
+            by_trace: dict[str, list[dict]] = {}
+            for span in read_spans(traces):
+                by_trace.setdefault(span["traceId"], []).append(span)
+            # status reads (GET) are traces of their own; the submits' spans reach the file last
+            submits = {t: spans for t, spans in by_trace.items() if any(s["kind"] == CONSUMER for s in spans)}
+            complete = all(any(s["name"] == "POST /tasks/{name}" for s in spans) for spans in submits.values())
+            return submits if submits and complete else None
+
+        by_trace = wait_until(spans_by_trace, 20, 0.25, "the sampled traces, API spans included")
+    sampled_ids = set()
+    for spans in by_trace.values():
+        (server,) = [s for s in spans if s["name"] == "POST /tasks/{name}"]
+        runs = [s for s in spans if s["kind"] == CONSUMER]
+        (task_id,) = {s["attrs"]["messaging.message.id"] for s in runs}
+        sampled_ids.add(task_id)
+        publishes = {s["spanId"]: s for s in spans if s["kind"] == PRODUCER}
+        stores = [s for s in spans if s["kind"] == CLIENT and s["name"].startswith("store_result/")]
+        # every attempt ran, was published (the API's publish, then the retry's from the worker) and stored its state
+        assert len(runs) == len(stores) == len(publishes) == ids[task_id], spans
+        assert all(run["parentSpanId"] in publishes for run in runs)
+        assert any(p["parentSpanId"] == server["spanId"] for p in publishes.values())
+    # a ratio of 0.5 over 60 tasks: both sides are far from empty; an unsampled task left no span anywhere
+    assert 6 <= len(sampled_ids) <= 54, len(sampled_ids)
+    assert sampled_ids <= set(ids)
