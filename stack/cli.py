@@ -494,7 +494,7 @@ def bench_recorder_command(sizes):
 
 @bench.command("overhead")
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds of the 4 configurations, rotated (4: each in every position once)")
-@click.option("--tasks", default=2000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each run's burst (throughput)")
+@click.option("--tasks", default=5000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each run's burst (throughput)")
 @click.option("--paced-tasks", default=200, show_default=True, type=click.IntRange(min=20), help="Tasks of each run's paced phase (p50)")
 @click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes")

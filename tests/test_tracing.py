@@ -283,9 +283,12 @@ def test_sampled_tracing_keeps_whole_traces_and_leaves_unsampled_tasks_without_s
             by_trace: dict[str, list[dict]] = {}
             for span in read_spans(traces):
                 by_trace.setdefault(span["traceId"], []).append(span)
-            # status reads (GET) are traces of their own; the submits' spans reach the file last
+            # status reads (GET) are traces of their own; each process flushes its spans within a second, so
+            # wait for the API's and for a retry's publish (written by the child that ran the first attempt)
             submits = {t: spans for t, spans in by_trace.items() if any(s["kind"] == CONSUMER for s in spans)}
-            complete = all(any(s["name"] == "POST /tasks/{name}" for s in spans) for spans in submits.values())
+            complete = all(any(s["name"] == "POST /tasks/{name}" for s in spans)
+                           and sum(s["kind"] == PRODUCER for s in spans) == sum(s["kind"] == CONSUMER for s in spans)
+                           for spans in submits.values())
             return submits if submits and complete else None
 
         by_trace = wait_until(spans_by_trace, 20, 0.25, "the sampled traces, API spans included")
