@@ -11,7 +11,9 @@ stack, so no run inherits another's warm caches or leftovers; the rotation gives
 Each run: warm-up, a paced phase (a rate the stack keeps up with; its end-to-end p50 is the latency figure), then a
 burst published as fast as one producer can (tasks / first publish -> last result stored is the throughput figure).
 Times come from the producer's clock and the result's ``date_done`` (one machine). Ratios are taken per round
-against that round's bare run, so slow drifts of the machine cancel; the spread is their min-max over rounds.
+against that round's bare run, so slow drifts of the machine cancel. The figure printed is their median (one
+disturbed round, common on a shared machine, does not move it), the spread their min-max; bench.json keeps the
+mean and every run.
 
 The producer is a separate clean process (``python -m exporters.bench_overhead produce``) instrumented like the
 configuration under test, as the load generator would be.
@@ -178,14 +180,15 @@ def bench(args) -> dict:
         p50_ratios = [r["p50_ms"] / b["p50_ms"] for r, b in zip(runs, bare)]
         cpu_ratios = [r["cpu_ms_per_task"] / b["cpu_ms_per_task"] for r, b in zip(runs, bare)]
         summary[name] = {
-            "throughput_per_s": statistics.mean(r["throughput_per_s"] for r in runs),
-            "p50_ms": statistics.mean(r["p50_ms"] for r in runs),
-            "throughput_ratio": statistics.mean(throughput_ratios),
+            "throughput_per_s": statistics.median(r["throughput_per_s"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "throughput_ratio": statistics.median(throughput_ratios),
+            "throughput_ratio_mean": statistics.mean(throughput_ratios),
             "throughput_ratio_min": min(throughput_ratios), "throughput_ratio_max": max(throughput_ratios),
-            "p50_ratio": statistics.mean(p50_ratios),
+            "p50_ratio": statistics.median(p50_ratios),
             "p50_ratio_min": min(p50_ratios), "p50_ratio_max": max(p50_ratios),
-            "cpu_ms_per_task": statistics.mean(r["cpu_ms_per_task"] for r in runs),
-            "cpu_ratio": statistics.mean(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ms_per_task": statistics.median(r["cpu_ms_per_task"] for r in runs),
+            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
             "cpu_ratio_max": max(cpu_ratios),
             "target_throughput_ratio": TARGETS.get(name),
         }
@@ -208,7 +211,8 @@ def bench(args) -> dict:
     console.print(table)
     console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
                   "rate; CPU: every stack process and the producer, per task of the burst (steadier than rates when "
-                  "other work shares the machine). Ratios per round against that round's bare run.")
+                  "other work shares the machine). Ratios per round against that round's bare run; median over rounds "
+                  "(min-max).")
     console.print(f"took {time.monotonic() - started:.0f}s; runs and logs under {out}")
     record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
               "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
