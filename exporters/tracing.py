@@ -26,6 +26,7 @@ several processes never interleave.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ TRACES_FILE = "traces.jsonl"
 MAX_QUEUE_SIZE = 65_536      # spans buffered per process before the batch processor drops any
 FLUSH_TIMEOUT_MS = 10_000
 
-_state: dict = {"provider": None, "worker_hooks": False}
+_state: dict = {"provider": None, "worker_hooks": False, "setting_up": False}
 
 
 # --- setup -------------------------------------------------------------------------------------------------------------
@@ -65,9 +66,20 @@ def install(app, settings, role: str) -> None:
 
 def setup(app, settings, service: str, result_store: str = "span"):
     """Provider, exporter and instrumentations for this process (once). ``result_store``: ``"span"`` (processes that
-    run tasks: one span per result store) or ``"redis-client"`` (the API: contrib Redis spans for status reads)."""
-    if _state["provider"] is not None:
+    run tasks: one span per result store) or ``"redis-client"`` (the API: contrib Redis spans for status reads).
+
+    Once even when greenlets race here (Locust users starting together): setting up yields, and a second set of
+    Celery handlers would give every publish a span per set, each nested in the last."""
+    if _state["provider"] is not None or _state["setting_up"]:
         return _state["provider"]
+    _state["setting_up"] = True
+    try:
+        return _setup(app, settings, service, result_store)
+    finally:
+        _state["setting_up"] = False
+
+
+def _setup(app, settings, service: str, result_store: str):
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -167,6 +179,7 @@ def fast_path_possible() -> bool:
         "tracecontext", "tracecontext,baggage")
 
 
+@functools.cache  # one class: contrib's instrumentors are singletons per class
 def celery_instrumentor_class():
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 

@@ -7,6 +7,7 @@ import random
 import time
 
 import gevent
+from gevent.lock import Semaphore
 from locust import FastHttpUser, User, constant_throughput, task
 
 from loadtests.scenarios import Scenario
@@ -15,6 +16,7 @@ from reports.ledger import HEADER_INTENDED_AT
 from stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
 _celery_apps: dict[int, object] = {}
+_celery_apps_lock = Semaphore()
 
 
 def celery_client(settings: Settings):
@@ -23,10 +25,16 @@ def celery_client(settings: Settings):
     key = id(settings)
     app = _celery_apps.get(key)
     if app is None:
-        from stack.app import make_app
+        # building the app yields to other greenlets: without the lock every user that starts meanwhile would
+        # build (and instrument) an app of its own
+        with _celery_apps_lock:
+            app = _celery_apps.get(key)
+            if app is None:
+                from stack.app import make_app
 
-        app = _celery_apps[key] = make_app(settings)
-        app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
+                app = make_app(settings)
+                app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
+                _celery_apps[key] = app
     return app
 
 

@@ -307,3 +307,31 @@ def test_sampled_tracing_keeps_whole_traces_and_leaves_unsampled_tasks_without_s
     # a ratio of 0.5 over 60 tasks: both sides are far from empty; an unsampled task left no span anywhere
     assert 6 <= len(sampled_ids) <= 54, len(sampled_ids)
     assert sampled_ids <= set(ids)
+
+
+LOCUST_USERS_STARTING_TOGETHER = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent
+from celery import signals
+from loadtests.users import celery_client
+from stack.settings import Settings
+
+settings = Settings.build(tracing="all", metrics="off", run_dir=sys.argv[1])
+users = [gevent.spawn(celery_client, settings) for _ in range(8)]
+gevent.joinall(users, raise_error=True)
+publish_handlers = [r for r in signals.before_task_publish.receivers if "_trace_before_publish" in repr(r)]
+print(len({id(user.value) for user in users}), len(publish_handlers))
+"""
+
+
+def test_locust_users_starting_together_share_one_app_and_one_set_of_publish_spans(tmp_path):
+    # each app used to install the Celery instrumentation again: 8 users, 8 nested publish spans per task
+    script = tmp_path / "users.py"
+    script.write_text(LOCUST_USERS_STARTING_TOGETHER)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    apps, publish_handlers = map(int, done.stdout.split())
+    assert (apps, publish_handlers) == (1, 1)
