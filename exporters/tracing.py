@@ -181,6 +181,7 @@ def fast_path_possible() -> bool:
 
 @functools.cache  # one class: contrib's instrumentors are singletons per class
 def celery_instrumentor_class():
+    from opentelemetry import baggage, context, trace
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     class LoadlabCeleryInstrumentor(CeleryInstrumentor):
@@ -218,8 +219,6 @@ def celery_instrumentor_class():
             super()._trace_after_publish(*args, **kwargs)
 
         def _publish_unsampled(self, headers: dict, name) -> bool:
-            from opentelemetry import baggage, trace
-
             parent = trace.get_current_span().get_span_context()
             if parent.is_valid:
                 if parent.trace_flags.sampled or parent.trace_state:
@@ -247,32 +246,30 @@ def celery_instrumentor_class():
                 request = task.request
                 traceparent = getattr(request, "traceparent", None)
                 if (isinstance(traceparent, str) and len(traceparent) == 55 and traceparent.endswith("-00")
-                        and not getattr(request, "tracestate", None)):
-                    self._run_unsampled(task_id, traceparent)
+                        and not getattr(request, "tracestate", None) and self._run_unsampled(task_id, traceparent)):
                     return
             super()._trace_prerun(*args, **kwargs)
 
-        def _run_unsampled(self, task_id: str, traceparent: str) -> None:
-            from opentelemetry import context, trace
-
+        def _run_unsampled(self, task_id: str, traceparent: str) -> bool:
+            """Runs the task inside the unsampled context; False (contrib takes over) for a malformed header."""
             _version, trace_id, span_id, _flags = traceparent.split("-")
             try:
                 span_context = trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
                                                  trace_flags=trace.TraceFlags(0))
             except ValueError:
-                return
+                return False
             self._unsampled_runs[task_id] = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(span_context)))
+            return True
 
         def _trace_postrun(self, *args, **kwargs):
             token = self._unsampled_runs.pop(kwargs.get("task_id"), None) if self._fast_path else None
             if token is not None:
-                from opentelemetry import context
-
                 context.detach(token)
                 return
             super()._trace_postrun(*args, **kwargs)
 
     return LoadlabCeleryInstrumentor
+
 
 # context key -> attribute (OTel messaging semconv where there is one, contrib Celery's names otherwise)
 _LEAN_ATTRIBUTES = (("id", "messaging.message.id"), ("routing_key", "messaging.destination"),
