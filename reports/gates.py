@@ -76,6 +76,7 @@ from rich.table import Table
 from rich.text import Text
 
 from reports.junit import JUnitCase, atomic_write_text, write_junit
+from reports.report import verdict_with_gates
 
 __all__ = [
     "GATE_SUITE",
@@ -527,6 +528,7 @@ def gate_run_dir(
 
     write_junit(run / JUNIT_FILE, _junit_cases(results), GATE_SUITE)
     report["gates"] = [result.as_report_entry() for result in results]
+    report["verdict"] = verdict_with_gates(report.get("verdict", {}), report["gates"])
     atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return 0 if all(result.passed for result in results) else 1
 

@@ -138,6 +138,20 @@ def verdict(tasks: dict, drained: bool) -> dict:
     return {"status": status, "problems": problems}
 
 
+GATE_PROBLEM = "gate failed: "
+
+
+def verdict_with_gates(current: dict, gates: list[dict]) -> dict:
+    """The run's verdict once its gates are known: a failed gate fails the run (the header of report.html and
+    summary.md must not say PASS above a failed gate). Problems of earlier gate evaluations are replaced, so gating
+    a run again with other rules recomputes the verdict from the ledger's part of it."""
+    problems = [p for p in current.get("problems", []) if not p.startswith(GATE_PROBLEM)]
+    status = current.get("ledger_status", current.get("status", "pass"))
+    failed = [g for g in gates if not g.get("passed")]
+    problems += [f"{GATE_PROBLEM}{g['rule']} (value {g.get('value')}, threshold {g.get('threshold')})" for g in failed]
+    return {"status": "fail" if failed else status, "problems": problems, "ledger_status": status}
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -141,6 +141,25 @@ def test_gates_run_twice_replace_previous_results(tmp_path: Path) -> None:
     assert read_junit(run).get("tests") == "1"
 
 
+def test_a_failed_gate_fails_the_verdict_and_passing_gates_restore_it(tmp_path: Path) -> None:
+    """The header of report.html and summary.md must not say PASS above a failed gate."""
+    from reports.render import render_html, render_markdown
+    from reports.report import empty_report
+
+    run = write_run(tmp_path / "run", {**empty_report("smoke", {}), **make_report(), "serialization": []})
+    failing = write_rules(tmp_path, "gates:\n  - metric: tasks.lost\n    max: -1\n", name="failing.yml")
+    assert gate_run_dir(run, failing, console=quiet_console()) == 1
+    report = json.loads((run / "report.json").read_text())
+    assert report["verdict"]["status"] == "fail"
+    assert any("tasks.lost" in problem for problem in report["verdict"]["problems"]), report["verdict"]
+    assert "FAIL" in render_markdown(report).splitlines()[0]
+    assert "FAIL" in render_html(report).split("</h1>")[0]
+    passing = write_rules(tmp_path, "gates:\n  - metric: tasks.lost\n    max: 0\n", name="passing.yml")
+    assert gate_run_dir(run, passing, console=quiet_console()) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["verdict"]["status"] == "pass" and report["verdict"]["problems"] == []
+
+
 def test_null_value_fails_the_gate_instead_of_erroring(tmp_path: Path) -> None:
     report = make_report()
     report["latency_ms"]["end_to_end"]["p95"] = None  # e.g. no task completed
