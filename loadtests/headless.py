@@ -271,7 +271,8 @@ def _chaos_report(faults, recorder: Recorder, settings: Settings) -> dict:
     unattributed = chaos.attribute_losses(faults, lost)
     rows = []
     for fault in faults:
-        promise = chaos.expectation(fault.kind, settings)
+        promise = (chaos.expectation(fault.kind, settings) if fault.applied_at is not None
+                   else {"max_lost": None, "text": f"not applied: {fault.detail or 'the run ended first'}"})
         rows.append({"fault": fault.kind, "at_s": fault.at_s, "applied": fault.applied_at is not None,
                      "detail": fault.detail, "recovered_s": fault.recovered_s, "expected_max_lost": promise["max_lost"],
                      "expectation": promise["text"], "lost": len(fault.lost_ids), "lost_ids": fault.lost_ids[:20],

@@ -364,6 +364,8 @@ def render_html(report: dict) -> str:
                         "(metrics/*.prom) and divided by the tasks submitted. offline estimate, only for a run "
                         "without metrics: request and result each encoded and decoded once at the offline matrix's "
                         "uncompressed p50.</p></section>")
+    if report.get("chaos"):
+        sections.append(_faults_section(report["chaos"]))
     if lost_ids:
         sections.append("<section><h2>Lost task ids</h2><pre>" + html.escape("\n".join(lost_ids)) + "</pre></section>")
     if report.get("gates"):
@@ -402,6 +404,31 @@ def _backoff_rows(retries: dict) -> list[list]:
     return rows
 
 
+def _promise(fault: dict) -> str:
+    limit = fault["expected_max_lost"]
+    return "no promise" if limit is None else ("none" if limit == 0 else f"≤ {limit}")
+
+
+def _faults_section(chaos: dict) -> str:
+    """Fault injection: per fault what was done, what the settings promise and what was lost."""
+    rows = [[f["fault"], f["at_s"], f["detail"] or "", f["recovered_s"], _promise(f), f["lost"],
+             "yes" if f["as_expected"] else "NO"] for f in chaos["faults"]]
+    promises = "".join(f"<li><b>{html.escape(f['fault'])}</b>: {html.escape(f['expectation'])}</li>"
+                       for f in chaos["faults"])
+    lost_ids = "".join(f"<li><b>{html.escape(f['fault'])}</b>: {html.escape(', '.join(f['lost_ids']))}"
+                       f"{' …' if f['lost'] > len(f['lost_ids']) else ''}</li>" for f in chaos["faults"] if f["lost_ids"])
+    restarts = chaos.get("worker_restarts") or []
+    notes = (f"<p class='note'>duplicates (a redelivered task run again, counted once): {chaos['duplicates']} · "
+             f"lost after every fault (not attributable): {chaos['lost_after_every_fault']} · workers the watchdog "
+             f"started again: {len(restarts)}</p>")
+    return ("<section><h2>Fault injection</h2>" +
+            _table(["fault", "at s", "what was done", "whole again after s", "settings promise (lost)", "lost",
+                    "as promised"], rows, numeric_from=9) +
+            notes + f"<p class='note'>What the settings promise:</p><ul class='note'>{promises}</ul>" +
+            (f"<p class='note'>Lost task ids by fault:</p><ul class='note'>{lost_ids}</ul>" if lost_ids else "") +
+            "</section>")
+
+
 def render_markdown(report: dict) -> str:
     tasks, lat = report["tasks"], report["latency_ms"]
     v = report.get("verdict", {"status": "pass", "problems": []})
@@ -420,6 +447,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {PHASE_LABELS[p]} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['max']:.2f} |")
     if v["problems"]:
         lines += ["", "Problems: " + "; ".join(v["problems"]) + "."]
+    if report.get("chaos"):
+        lines += ["", "| fault | at s | promise (lost) | lost | as promised |", "|---|---:|---|---:|---|"]
+        for f in report["chaos"]["faults"]:
+            lines.append(f"| {f['fault']} | {f['at_s']:g} | {_promise(f)} | {f['lost']} | "
+                         f"{'yes' if f['as_expected'] else '**NO**'} |")
     if report.get("gates"):
         lines += ["", "| gate | value | threshold | verdict |", "|---|---:|---:|---|"]
         for g in report["gates"]:

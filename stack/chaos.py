@@ -127,10 +127,31 @@ def _broker_sockets(pids: list[int], broker_port: int) -> dict[int, int]:
     return sockets
 
 
+# System calls an event loop blocks in while it waits for I/O (x86_64 and aarch64 numbers): epoll_wait/epoll_pwait/
+# epoll_pwait2, poll/ppoll, select/pselect6.
+_WAITING_FOR_IO = {"x86_64": {232, 281, 441, 7, 271, 23, 270}, "aarch64": {22, 441, 73, 72}}
+
+
+def _waiting_for_io(pid: int) -> bool:
+    """True when the (stopped) process's main thread sits in its event loop's poll, i.e. not between reading a
+    message and recording it as unacknowledged (kombu does both in one call, without returning to the loop)."""
+    import platform
+
+    try:
+        with open(f"/proc/{pid}/syscall") as handle:
+            number = handle.read().split()[0]
+    except (OSError, IndexError):
+        return True  # cannot tell (no /proc access): do not hold the fault back on it
+    waiting = _WAITING_FOR_IO.get(platform.machine())
+    if waiting is None:
+        return True
+    return number.lstrip("-").isdigit() and int(number) in waiting
+
+
 def _crash_worker_at_rest(worker, broker_url: str) -> str:
     """Freezes worker 1 (SIGSTOP) while the Redis broker holds writes (CLIENT PAUSE WRITE: no push can wake a BRPOP)
-    and no broker reply waits unread in its sockets, then has the broker drop its connections, so the SIGKILL that
-    follows cannot race a delivery. Publishers wait a few milliseconds; nothing they send is lost.
+    and no broker reply waits unread in its sockets or half-handled in the process (its main thread is back in the
+    event loop's poll), then has the broker drop its connections, so the SIGKILL that follows cannot race a delivery. Publishers wait a few milliseconds; nothing they send is lost.
 
     Why: the kernel closes a killed process's sockets only after freeing its memory (milliseconds for a Celery
     worker); meanwhile Redis still serves the dead client's BRPOP and the message it pops is gone. That race is
@@ -142,16 +163,16 @@ def _crash_worker_at_rest(worker, broker_url: str) -> str:
     pids = [worker.pid, *_pool_children(worker.pid)]
     client = redis.Redis.from_url(broker_url, socket_timeout=2)
     try:
-        for _ in range(50):
+        for _ in range(200):
             client.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # expires by itself if loadlab dies here
             os.killpg(worker.pid, signal.SIGSTOP)
             sockets = _broker_sockets(pids, urlparse(broker_url).port or 6379)
             held = [c for c in client.client_list() if int(c["addr"].rsplit(":", 1)[1]) in sockets
                     and "b" in c["flags"] and c["cmd"] != "brpop"]
-            if not any(sockets.values()) and not held:
+            if not any(sockets.values()) and not held and _waiting_for_io(worker.pid):
                 break
-            # a reply landed before the pause, or the worker's write recording it as unacknowledged is held by the
-            # pause: let the worker finish recording it, then try again
+            # a reply landed before the pause, the worker is between reading a message and recording it as
+            # unacknowledged, or that write is held by the pause: let the worker finish, then try again
             os.killpg(worker.pid, signal.SIGCONT)
             client.execute_command("CLIENT", "UNPAUSE")
             time.sleep(0.005)
@@ -191,14 +212,16 @@ def apply(fault: Fault, stack, log=print) -> None:
     else:
         # the restartable services: (Stack attribute, readiness wait, text when absent, text when done)
         attribute, wait, absent, done = {
-            "restart-broker": ("redis", stack.wait_redis, "the broker is external: loadlab cannot restart it (skipped)",
+            "restart-broker": ("redis", stack.wait_redis, "the broker is external: loadlab restarts only its embedded Redis (skipped)",
                                "killed and restarted the embedded Redis broker"),
             "restart-api": ("api", stack.wait_api, "no API in this stack (skipped)",
                             "killed and restarted the producer API"),
             "kill-exporter": ("exporter", None, "no exporter (metrics off): skipped",
                               "killed and restarted the exporter"),
         }[fault.kind]
-        if getattr(stack, attribute) is None:
+        if getattr(stack, attribute) is None or (fault.kind == "restart-broker" and not stack.broker_embedded):
+            # an external broker is someone else's server (often shared): never restarted, the fault is skipped
+            fault.applied_at = None
             fault.detail = absent
         else:
             stack.restart(getattr(stack, attribute))

@@ -26,6 +26,7 @@ class Stack:
         self.with_api = api
         self.log = log
         self.redis: Child | None = None          # the embedded broker (and backend)
+        self.broker_embedded = False             # the broker is self.redis (it may serve only as the backend)
         self.ledger_redis: Child | None = None   # the run's ledger channel, apart from the system under test
         self.workers: list[Child] = []
         self.api: Child | None = None
@@ -90,6 +91,7 @@ class Stack:
             self.redis = Child("redis", embedded.redis_command(port, data_dir, appendonly=s.broker_persistence),
                                self.log_dir / "redis.log").start()
             updates["broker"] = s.broker or embedded.redis_url(port, 0)
+            self.broker_embedded = s.broker is None
             updates["backend"] = s.backend or (s.broker if s.broker and s.broker.startswith("redis")
                                                else embedded.redis_url(port, 1))
             self._wait(lambda: self._redis_ping(embedded.redis_url(port, 0)), self.redis, "embedded Redis")

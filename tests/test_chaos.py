@@ -4,12 +4,13 @@ import json
 import re
 
 import pytest
+from kombu import Connection
 
 from stack.chaos import parse_plan
-from tests.conftest import run_cli
+from tests.conftest import RABBITMQ, need_service, run_cli, unique
 
 
-def _run(out, *args):
+def _run(out, *args, skipped=()):
     result = run_cli("run", "chaos", "--duration", "20s", "--drain-timeout-s", "40", "--out", str(out), *args,
                      timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -18,8 +19,12 @@ def _run(out, *args):
     assert t["submitted"] > 0
     assert t["submitted"] == t["succeeded"] + t["failed"] + t["revoked"] + t["lost"]
     faults = {f["fault"]: f for f in report["chaos"]["faults"]}
-    assert all(f["applied"] for f in faults.values()), faults
+    assert all(f["applied"] != (name in skipped) for name, f in faults.items()), faults
     assert sum(f["lost"] for f in faults.values()) + report["chaos"]["lost_after_every_fault"] == t["lost"]
+    # the page a person reads has the same per-fault accounting
+    page, summary = (out / "report.html").read_text(), (out / "summary.md").read_text()
+    assert "Fault injection" in page and all(f"<td class=''>{name}</td>" in page for name in faults), faults
+    assert all(f"| {name} |" in summary for name in faults)
     return report, faults
 
 
@@ -46,6 +51,27 @@ def test_without_acks_late_or_persistence_losses_are_accounted(run_dir):
     # whatever was lost is named: the ids listed are the ledger's lost ids
     listed = {i for f in faults.values() for i in f["lost_ids"]}
     assert listed <= set(report["drain"]["lost_ids"]) or len(listed) == 20
+
+
+def test_rabbitmq_worker_kills_lose_nothing_with_acks_late_and_its_restart_is_skipped(run_dir):
+    """RabbitMQ redelivers a dead consumer's unacknowledged messages at once (no visibility timeout, no message in
+    transit as on Redis). loadlab never restarts an external broker: that fault is reported as not applied, and
+    the embedded Redis serving as the result backend is left alone."""
+    need_service("RabbitMQ", "127.0.0.1", 5672)
+    queue = unique("loadlab-test-chaos-")
+    try:
+        report, faults = _run(run_dir / "rabbit", "--broker", RABBITMQ, "--queue", queue, "--acks-late",
+                              "--chaos", "kill-worker-child@3s,kill-worker@6s,restart-broker@9s",
+                              skipped={"restart-broker"})
+    finally:
+        with Connection(RABBITMQ) as conn:
+            conn.default_channel.queue_delete(queue)
+    assert faults["kill-worker"]["expected_max_lost"] == 0 and faults["kill-worker"]["lost"] == 0
+    assert faults["kill-worker-child"]["lost"] == 0 and report["tasks"]["lost"] == 0
+    skipped = faults["restart-broker"]
+    assert "external" in skipped["detail"] and skipped["expectation"].startswith("not applied")
+    assert "Ready to accept connections" in (run_dir / "rabbit" / "logs" / "redis.log").read_text()
+    assert (run_dir / "rabbit" / "logs" / "redis.log").read_text().count("Ready to accept connections") == 1
 
 
 @pytest.mark.parametrize("plan, words", [
