@@ -342,9 +342,11 @@ def render_html(report: dict) -> str:
         sections.append("<section><h2>Serialization cost (offline, through kombu's registry)</h2>" +
                         (serialization_plot(serialization) or "") +
                         "<p>Each point is the median over the payload shapes; the table has every combination.</p>" +
+                        # hundreds of rows: folded, so the plots and the sections below stay in view
+                        f"<details><summary>every combination ({len(rows)} rows)</summary><div class='wide'>" +
                         _table(["serializer", "compression", "shape", "payload B", "wire B", "ratio", "encode p50 µs",
                                 "encode p95 µs", "decode p50 µs", "decode p95 µs"], rows, numeric_from=3) +
-                        "</section>")
+                        "</div></details></section>")
     inband = report.get("serialization_inband") or []
     if inband:
         sources = {"measured": "measured (this run's histograms)", "offline_estimate": "offline estimate (metrics off)"}
@@ -384,7 +386,7 @@ header{padding:8px 16px;background:#f6f8fa;border-radius:6px} h1{font-size:22px;
 h2{font-size:17px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px} h3{font-size:14px;margin-top:18px}
 table{border-collapse:collapse;font-size:14px} th,td{padding:4px 12px;border-bottom:1px solid #eaeef2;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums} svg{max-width:100%;height:auto}
-pre{background:#f6f8fa;padding:8px;font-size:12px}
+pre{background:#f6f8fa;padding:8px;font-size:12px} .wide{overflow-x:auto} details>summary{cursor:pointer;color:#0969da;margin:8px 0}
 """
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>loadlab report · {html.escape(report['scenario'])}</title><style>{style}</style></head><body>"
