@@ -71,6 +71,40 @@ class MetricStore:
                 file.write_value(bucket_key, count, 0.0)
                 file.write_value(sum_key, total, 0.0)
 
+    # One event often records two things (a codec call: its time and the message size; a task starting: the
+    # started counter and its queue wait; ending: its state's counter and runtime). These take one lock round and
+    # one file lookup for both, on a path that runs a few times per task.
+    def observe_pair(self, bucket_a: str, sum_a: str, amount_a: float, bucket_b: str, sum_b: str,
+                     amount_b: float) -> None:
+        """Two histogram observations."""
+        with self._lock:
+            values = self._values
+            count_a = values.get(bucket_a, 0.0) + 1.0
+            total_a = values.get(sum_a, 0.0) + amount_a
+            count_b = values.get(bucket_b, 0.0) + 1.0
+            total_b = values.get(sum_b, 0.0) + amount_b
+            values[bucket_a], values[sum_a], values[bucket_b], values[sum_b] = count_a, total_a, count_b, total_b
+            if self._directory is not None:
+                write = (self._files.get(HISTOGRAM) or self._open(HISTOGRAM)).write_value
+                write(bucket_a, count_a, 0.0)
+                write(sum_a, total_a, 0.0)
+                write(bucket_b, count_b, 0.0)
+                write(sum_b, total_b, 0.0)
+
+    def count_and_observe(self, counter_key: str, bucket_key: str, sum_key: str, amount: float) -> None:
+        """A counter +1 and one histogram observation."""
+        with self._lock:
+            values = self._values
+            counted = values.get(counter_key, 0.0) + 1.0
+            count = values.get(bucket_key, 0.0) + 1.0
+            total = values.get(sum_key, 0.0) + amount
+            values[counter_key], values[bucket_key], values[sum_key] = counted, count, total
+            if self._directory is not None:
+                (self._files.get(COUNTER) or self._open(COUNTER)).write_value(counter_key, counted, 0.0)
+                write = (self._files.get(HISTOGRAM) or self._open(HISTOGRAM)).write_value
+                write(bucket_key, count, 0.0)
+                write(sum_key, total, 0.0)
+
     def set(self, kind: str, key: str, value: float) -> None:
         with self._lock:
             self._kinds.setdefault(key, kind)

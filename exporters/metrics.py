@@ -104,6 +104,10 @@ class BoundCounter(_Bound):
         self._add = store.add
         self._key = key
 
+    @property
+    def key(self) -> str:
+        return self._key
+
     def inc(self, amount: float = 1.0) -> None:
         self._add(COUNTER, self._key, amount)
 
@@ -136,8 +140,15 @@ class BoundHistogram(_Bound):
         self._sum_key = sample_key(spec.family, spec.name + "_sum", spec.labels, labelvalues, spec.help)
 
     def observe(self, value: float) -> None:
+        self._observe(self.bucket_key(value), self._sum_key, value)
+
+    def bucket_key(self, value: float) -> str:
         # le semantics: the first bucket whose bound is >= value
-        self._observe(self._bucket_keys[bisect.bisect_left(self._bounds, value)], self._sum_key, value)
+        return self._bucket_keys[bisect.bisect_left(self._bounds, value)]
+
+    @property
+    def sum_key(self) -> str:
+        return self._sum_key
 
 
 class Instrument:

@@ -13,7 +13,7 @@ from time import perf_counter
 
 from kombu.serialization import registry
 
-from exporters.metrics import INSTRUMENTS
+from exporters.metrics import INSTRUMENTS, STORE
 
 ENCODE, DECODE = "encode", "decode"
 _originals: dict[tuple[str, str], object] = {}  # ("encoder", name) / ("decoder", content type) -> original function
@@ -32,12 +32,15 @@ def _size(payload) -> int:
 def _timed_encoder(encoder, name: str):
     seconds = INSTRUMENTS.serialization.labels(ENCODE, name)
     size = INSTRUMENTS.message_bytes.labels(ENCODE, name)
+    seconds_bucket, seconds_sum = seconds.bucket_key, seconds.sum_key
+    size_bucket, size_sum = size.bucket_key, size.sum_key
+    observe_pair = STORE.observe_pair
 
     def encode(data):
         started = perf_counter()
         payload = encoder(data)
-        seconds.observe(perf_counter() - started)
-        size.observe(_size(payload))
+        elapsed, nbytes = perf_counter() - started, _size(payload)
+        observe_pair(seconds_bucket(elapsed), seconds_sum, elapsed, size_bucket(nbytes), size_sum, nbytes)
         return payload
 
     encode.__wrapped__ = encoder
@@ -48,12 +51,15 @@ def _timed_encoder(encoder, name: str):
 def _timed_decoder(decoder, name: str):
     seconds = INSTRUMENTS.serialization.labels(DECODE, name)
     size = INSTRUMENTS.message_bytes.labels(DECODE, name)
+    seconds_bucket, seconds_sum = seconds.bucket_key, seconds.sum_key
+    size_bucket, size_sum = size.bucket_key, size.sum_key
+    observe_pair = STORE.observe_pair
 
     def decode(data):
         started = perf_counter()
         value = decoder(data)
-        seconds.observe(perf_counter() - started)
-        size.observe(_size(data))
+        elapsed, nbytes = perf_counter() - started, _size(data)
+        observe_pair(seconds_bucket(elapsed), seconds_sum, elapsed, size_bucket(nbytes), size_sum, nbytes)
         return value
 
     decode.__wrapped__ = decoder

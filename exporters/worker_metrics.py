@@ -17,7 +17,7 @@ directory is a fresh ``mkdtemp`` per worker start (wiped by construction; the di
 removed at the next start), or ``PROMETHEUS_MULTIPROC_DIR`` emptied at start when that is set.
 
 Queue wait needs the publish time: instrumented producers stamp ``loadlab_attempt_sent_at`` (the ledger's header)
-on every publish, retries included.
+on every publish, retries included (the ledger's hook when a ledger is configured, else this module's).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ DIRECTORY_PREFIX = "loadlab-metrics-"
 UNKNOWN = "unknown"
 
 _state = {"installed": False, "directory": None, "owns_directory": False, "server": None}
-_started: dict[str, float] = {}   # task id -> perf_counter at prerun (a threads pool runs several at once)
+_started: dict[str, tuple] = {}   # task id -> (perf_counter at prerun, its instruments); threads pools run several
 _per_task: dict[tuple[str, str], tuple] = {}  # (task, queue) -> bound instruments, one lookup per signal
 
 
@@ -51,7 +51,8 @@ def install(settings) -> None:
         return
     _state["installed"] = True
     _state["settings"] = settings
-    signals.before_task_publish.connect(_before_publish, weak=False, dispatch_uid="loadlab-metrics-before-publish")
+    if not settings.ledger_url:  # with a ledger its hook stamps the same header: one receiver less per publish
+        signals.before_task_publish.connect(_before_publish, weak=False, dispatch_uid="loadlab-metrics-before-publish")
     signals.after_task_publish.connect(_after_publish, weak=False, dispatch_uid="loadlab-metrics-after-publish")
     signals.task_received.connect(_received, weak=False, dispatch_uid="loadlab-metrics-received")
     signals.task_prerun.connect(_prerun, weak=False, dispatch_uid="loadlab-metrics-prerun")
@@ -123,25 +124,36 @@ def _header(request, name):
 
 def _prerun(task_id=None, task=None, **_):
     now = time.time()
-    _started[task_id] = time.perf_counter()
     request = task.request
     bound = _instruments_for(task.name, _queue_of(request.delivery_info))
-    bound[STARTED].inc()
     sent_at = _header(request, HEADER_ATTEMPT_SENT_AT)
-    if sent_at is not None:
+    if sent_at is None:
+        bound[STARTED].inc()
+    else:
         if request.eta is not None:
             sent_at = max(sent_at, _timestamp(request.eta) or 0.0)
-        bound[QUEUE_WAIT].observe(max(0.0, now - sent_at))
+        queue_wait = max(0.0, now - sent_at)
+        wait = bound[QUEUE_WAIT]
+        STORE.count_and_observe(bound[STARTED].key, wait.bucket_key(queue_wait), wait.sum_key, queue_wait)
+    # postrun finds the instruments here instead of looking the request up again
+    _started[task_id] = (time.perf_counter(), bound)
 
 
 def _postrun(task_id=None, task=None, state=None, **_):
-    started = _started.pop(task_id, None)
-    bound = _instruments_for(task.name, _queue_of(task.request.delivery_info))
-    if started is not None:
-        bound[RUNTIME].observe(time.perf_counter() - started)
+    started, bound = _started.pop(task_id, (None, None))
+    if bound is None:
+        bound = _instruments_for(task.name, _queue_of(task.request.delivery_info))
     index = _STATE_COUNTER.get(state)
-    if index is not None:
-        bound[index].inc()
+    if started is None:
+        if index is not None:
+            bound[index].inc()
+        return
+    runtime_s = time.perf_counter() - started
+    runtime = bound[RUNTIME]
+    if index is None:
+        runtime.observe(runtime_s)
+    else:
+        STORE.count_and_observe(bound[index].key, runtime.bucket_key(runtime_s), runtime.sum_key, runtime_s)
 
 
 def _timestamp(eta) -> float | None:
