@@ -39,7 +39,7 @@ class LedgerSink:
     the wait) in every producer and pool process for every task: the harness's own cost inside each measured task.
     After ``CLIENT REPLY OFF`` a record is one ``sendall`` of a RESP command (~5 us). Records written before a process
     dies still arrive: they sit in the kernel's send buffer, and with no replies there is nothing unread to turn the
-    close into a reset. Connects lazily and again after a fork or a failed write (that record is dropped, as
+    close into a reset. Connects lazily and again in a forked child or after a failed write (that record is dropped, as
     before). URLs other than plain ``redis://`` (TLS, unix sockets) go through redis-py, one round trip each.
     """
 
@@ -49,7 +49,6 @@ class LedgerSink:
         self._command_prefix = b"*3\r\n$5\r\nRPUSH\r\n" + _bulk(self.key.encode())
         self._socket: socket.socket | None = None
         self._client = None  # redis-py, for URLs the plain socket does not speak
-        self._pid = None
         self._lock = threading.Lock()  # greenlets or threads of one process share the socket: whole commands only
         self._plain = urlsplit(url).scheme == "redis"
         _SINKS.add(self)
@@ -57,7 +56,7 @@ class LedgerSink:
     def _after_fork(self) -> None:
         # the child owns neither the parent's socket nor a lock another thread may have held at the fork
         self._lock = threading.Lock()
-        self._socket = self._client = self._pid = None
+        self._socket = self._client = None
 
     def push(self, record: list) -> None:
         data = msgpack.packb(record, use_bin_type=True)
@@ -67,9 +66,8 @@ class LedgerSink:
         command = self._command_prefix + _bulk(data)
         with self._lock:
             try:
-                if self._socket is None or self._pid != os.getpid():
+                if self._socket is None:  # a forked child starts without one (_after_fork)
                     self._socket = self._connect()
-                    self._pid = os.getpid()
                 self._socket.sendall(command)
             except Exception:  # noqa: BLE001 - the ledger must never break the task it observes
                 self._close()
@@ -107,11 +105,10 @@ class LedgerSink:
 
     def _push_with_client(self, data: bytes) -> None:
         try:
-            if self._client is None or self._pid != os.getpid():
+            if self._client is None:
                 import redis
 
                 self._client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
-                self._pid = os.getpid()
             self._client.rpush(self.key, data)
         except Exception:  # noqa: BLE001 - the ledger must never break the task it observes
             self._client = None

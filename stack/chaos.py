@@ -4,6 +4,7 @@ lists each fault, what the settings used promise about it, and what was lost."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 from dataclasses import dataclass, field
@@ -129,29 +130,28 @@ def _broker_sockets(pids: list[int], broker_port: int) -> dict[int, int]:
 
 # System calls an event loop blocks in while it waits for I/O (x86_64 and aarch64 numbers): epoll_wait/epoll_pwait/
 # epoll_pwait2, poll/ppoll, select/pselect6.
-_WAITING_FOR_IO = {"x86_64": {232, 281, 441, 7, 271, 23, 270}, "aarch64": {22, 441, 73, 72}}
+_WAITING_FOR_IO = {"x86_64": {232, 281, 441, 7, 271, 23, 270},
+                   "aarch64": {22, 441, 73, 72}}.get(platform.machine())
 
 
 def _waiting_for_io(pid: int) -> bool:
     """True when the (stopped) process's main thread sits in its event loop's poll, i.e. not between reading a
     message and recording it as unacknowledged (kombu does both in one call, without returning to the loop)."""
-    import platform
-
+    if _WAITING_FOR_IO is None:
+        return True  # an architecture whose numbers are not listed: do not hold the fault back on it
     try:
         with open(f"/proc/{pid}/syscall") as handle:
             number = handle.read().split()[0]
     except (OSError, IndexError):
-        return True  # cannot tell (no /proc access): do not hold the fault back on it
-    waiting = _WAITING_FOR_IO.get(platform.machine())
-    if waiting is None:
-        return True
-    return number.lstrip("-").isdigit() and int(number) in waiting
+        return True  # cannot tell (no /proc access)
+    return number.lstrip("-").isdigit() and int(number) in _WAITING_FOR_IO
 
 
 def _crash_worker_at_rest(worker, broker_url: str) -> str:
     """Freezes worker 1 (SIGSTOP) while the Redis broker holds writes (CLIENT PAUSE WRITE: no push can wake a BRPOP)
     and no broker reply waits unread in its sockets or half-handled in the process (its main thread is back in the
-    event loop's poll), then has the broker drop its connections, so the SIGKILL that follows cannot race a delivery. Publishers wait a few milliseconds; nothing they send is lost.
+    event loop's poll), then has the broker drop its connections, so the SIGKILL that follows cannot race a delivery.
+    Publishers wait a few milliseconds; nothing they send is lost.
 
     Why: the kernel closes a killed process's sockets only after freeing its memory (milliseconds for a Celery
     worker); meanwhile Redis still serves the dead client's BRPOP and the message it pops is gone. That race is
@@ -212,7 +212,8 @@ def apply(fault: Fault, stack, log=print) -> None:
     else:
         # the restartable services: (Stack attribute, readiness wait, text when absent, text when done)
         attribute, wait, absent, done = {
-            "restart-broker": ("redis", stack.wait_redis, "the broker is external: loadlab restarts only its embedded Redis (skipped)",
+            "restart-broker": ("redis", stack.wait_redis,
+                               "the broker is external: loadlab restarts only its embedded Redis (skipped)",
                                "killed and restarted the embedded Redis broker"),
             "restart-api": ("api", stack.wait_api, "no API in this stack (skipped)",
                             "killed and restarted the producer API"),
