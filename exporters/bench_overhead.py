@@ -1,22 +1,27 @@
 """``loadlab bench overhead``: what loadlab's own instrumentation costs the stack it measures.
 
-The same no-op workload on four configurations, interleaved and rotated A B C D, B C D A, … (each run on a fresh
-stack, so no run inherits another's warm caches or leftovers; the rotation gives no configuration a fixed position):
+The same no-op workload on four configurations:
 
 - ``bare``: metrics off, tracing off (the task ledger, which every loadlab run needs, is on in all four);
 - ``metrics``: the default instrumentation (metrics on, tracing off), exporter service included;
 - ``metrics+sampled``: metrics and ``--tracing sampled`` at the configured ratio;
 - ``all traced``: metrics and every task traced.
 
-Each run: warm-up, a paced phase (a rate the stack keeps up with; its end-to-end p50 is the latency figure), then a
-burst published as fast as one producer can (tasks / first publish -> last result stored is the throughput figure).
-Times come from the producer's clock and the result's ``date_done`` (one machine). Ratios are taken per round
-against that round's bare run, so slow drifts of the machine cancel. The figure printed is their median (one
-disturbed round, common on a shared machine, does not move it), the spread their min-max; bench.json keeps the
-mean and every run.
+The four stacks run side by side for the whole bench, each with its own producer process (a clean interpreter,
+instrumented like its configuration, as the load generator would be), and take turns: in round r one slice of work on
+each, in the order A B C D rotated by r (so no configuration has a fixed position). Only the stack whose turn it is
+has work; the others sit idle (their periodic polls and heartbeats cost well under 1 % of a core).
 
-The producer is a separate clean process (``python -m exporters.bench_overhead produce``) instrumented like the
-configuration under test, as the load generator would be.
+Why side by side and short turns: this machine's speed drifts by 10-30 % over tens of seconds (a shared VM), more
+than the effects measured. With a fresh stack per run, runs of 20 s and ratios per round compared moments a minute
+apart; here a round's four slices follow each other within seconds, so the drift cancels in each round's ratios, and
+many rounds give a median with a narrow spread.
+
+Each slice: a paced phase (a rate the stack keeps up with; its end-to-end p50 is the latency figure), then a burst
+published as fast as one producer can (tasks / first publish -> last result stored is the throughput figure; the CPU
+time of the stack's processes and the producer during it, per task, is the CPU figure). Times come from the
+producer's clock and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare
+slice; the figure printed is their median, the spread their interquartile range; bench.json keeps every slice.
 """
 from __future__ import annotations
 
@@ -42,16 +47,22 @@ TARGETS = {"metrics": 0.97, "all traced": 0.90}
 NOOP = "loadlab.noop"
 
 
-# --- producer (a child process per run) ------------------------------------------------------------------------------
-def produce(burst: int, paced: int, rate: float, warmup: int, watch_pids: list[int]) -> dict:
+# --- producer (a child process per configuration, for the whole bench) -----------------------------------------------
+def serve(warmup: int, watch_pids: list[int]) -> None:
+    """Warm up, print ``ready``, then run one slice per JSON line on stdin and print its result as a JSON line."""
     from stack.app import make_app
     from stack.settings import Settings
 
-    settings = Settings.from_env()
-    app = make_app(settings)
+    app = make_app(Settings.from_env())
     watch_pids = [*watch_pids, os.getpid()]
     _wait_stored(app, [_send(app)[0] for _ in range(warmup)])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        print(json.dumps(run_slice(app, command["paced"], command["rate"], command["burst"], watch_pids)), flush=True)
 
+
+def run_slice(app, paced: int, rate: float, burst: int, watch_pids: list[int]) -> dict:
     sent_at, ids = [], []
     interval = 1.0 / rate
     next_at = time.perf_counter()
@@ -126,34 +137,82 @@ def _wait_stored(app, ids: list[str], timeout_s: float = 300.0) -> dict[str, flo
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------------------
-def run_once(base, name: str, metrics: str, tracing: str, run_dir: Path, args) -> dict:
-    from stack.supervisor import Stack
+class ConfigurationStack:
+    """One configuration's stack and producer, up for the whole bench; ``run_slice`` gives the producer one turn."""
 
-    settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
-                                       "run_id": run_dir.name.replace(".", "-")})
-    with Stack(settings, run_dir, api=False, log=lambda *_: None) as stack:
-        # the whole stack's CPU: every child process of the supervisor (workers and their pools, Redis, exporter)
-        pids = [child.pid for child in stack.children() if child.pid]
-        command = [sys.executable, "-m", "exporters.bench_overhead", "produce", "--burst", str(args.tasks),
-                   "--paced", str(args.paced_tasks), "--rate", str(args.paced_rate), "--warmup", str(args.warmup),
-                   "--watch-pids", ",".join(map(str, pids))]
-        done = subprocess.run(command, env=stack.settings.child_env(), capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the producer of {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    def __init__(self, base, name: str, metrics: str, tracing: str, run_dir: Path, warmup: int):
+        from stack.supervisor import Stack
+
+        self.name, self.run_dir, self.warmup = name, run_dir, warmup
+        settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
+                                           "run_id": run_dir.name.replace(".", "-")})
+        self.stack = Stack(settings, run_dir, api=False, log=lambda *_: None)
+        self.producer: subprocess.Popen | None = None
+        self._producer_log = None
+
+    def __enter__(self) -> "ConfigurationStack":
+        self.stack.__enter__()
+        try:
+            # the whole stack's CPU: every child process of the supervisor (workers and their pools, Redis, exporter)
+            pids = [child.pid for child in self.stack.children() if child.pid]
+            self._producer_log = open(self.run_dir / "producer.log", "w")
+            self.producer = subprocess.Popen(
+                [sys.executable, "-m", "exporters.bench_overhead", "serve", "--warmup", str(self.warmup),
+                 "--watch-pids", ",".join(map(str, pids))],
+                env=self.stack.settings.child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._producer_log, text=True)
+            self._expect("ready")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.stdin.close()  # end of commands: the producer leaves its loop
+                self.producer.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.producer.kill()
+                self.producer.wait()
+            self.producer = None
+        if self._producer_log is not None:
+            self._producer_log.close()
+        self.stack.__exit__(*exc)
+
+    def run_slice(self, paced: int, rate: float, burst: int) -> dict:
+        self.producer.stdin.write(json.dumps({"paced": paced, "rate": rate, "burst": burst}) + "\n")
+        self.producer.stdin.flush()
+        return json.loads(self._expect())
+
+    def _expect(self, wanted: str | None = None) -> str:
+        line = self.producer.stdout.readline().strip()
+        if not line or (wanted is not None and line != wanted):
+            self.producer.wait(timeout=10)
+            tail = (self.run_dir / "producer.log").read_text()[-3000:]
+            raise RuntimeError(f"the producer of {self.name} failed (exit {self.producer.returncode}):\n{tail}")
+        return line
 
 
 def rotated(configs: tuple, round_index: int) -> list:
     """Round r runs the configurations starting at the r-th (A B C D, B C D A, …): over len(configs) rounds each
-    takes every position once, so a position effect (the first run after a teardown, a warming machine) does not
-    land on one configuration."""
+    takes every position once, so a position effect (the slice after another stack's burst, a warming machine) does
+    not land on one configuration."""
     shift = round_index % len(configs)
     return [*configs[shift:], *configs[:shift]]
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def bench(args) -> dict:
+    import contextlib
+
     from rich.console import Console
-    from rich.table import Table
 
     from stack.settings import Settings
 
@@ -163,72 +222,78 @@ def bench(args) -> dict:
     base = Settings.build(workers=args.workers, concurrency=args.concurrency)
     results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
     started = time.monotonic()
-    for round_index in range(args.rounds):
-        for name, metrics, tracing in rotated(CONFIGS, round_index):
-            run_dir = out / f"r{round_index + 1}-{name.replace(' ', '-').replace('+', '-')}"
-            with console.status(f"round {round_index + 1}/{args.rounds}: {name}…"):
-                result = run_once(base, name, metrics, tracing, run_dir, args)
-            results[name].append(result)
-            console.print(f"round {round_index + 1} {name:>16}: {result['throughput_per_s']:7.1f} tasks/s, "
-                          f"p50 {result['p50_ms']:6.2f} ms, CPU {result['cpu_ms_per_task']:.2f} ms/task")
+    with contextlib.ExitStack() as stacks:
+        configured = {}
+        for name, metrics, tracing in CONFIGS:
+            with console.status(f"starting the {name} stack and its producer…"):
+                configured[name] = stacks.enter_context(ConfigurationStack(
+                    base, name, metrics, tracing, out / name.replace(" ", "-").replace("+", "-"), args.warmup))
+        console.print(f"4 stacks up in {time.monotonic() - started:.0f}s; {args.rounds} rounds of a slice each")
+        for round_index in range(args.rounds):
+            line = []
+            for name, *_ in rotated(CONFIGS, round_index):
+                with console.status(f"round {round_index + 1}/{args.rounds}: {name}…"):
+                    result = configured[name].run_slice(args.paced_tasks, args.paced_rate, args.tasks)
+                result["round"] = round_index + 1
+                results[name].append(result)
+                line.append(f"{name} {result['throughput_per_s']:.0f}/s")
+            console.print(f"round {round_index + 1:>2}: " + ", ".join(line))
 
+    summary = summarize(results)
+    console.print(summary_table(summary, args))
+    console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
+                  "rate; CPU: every stack process and the producer, per task of the burst. Ratios per round against "
+                  "that round's bare slice: median over rounds (interquartile range).")
+    console.print(f"took {time.monotonic() - started:.0f}s; slices and logs under {out}")
+    record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
+              "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
+              "slices": results, "summary": summary}
+    (out / "bench.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
     summary = {}
     bare = results["bare"]
     for name, *_ in CONFIGS:
-        runs = results[name]
-        throughput_ratios = [r["throughput_per_s"] / b["throughput_per_s"] for r, b in zip(runs, bare)]
-        p50_ratios = [r["p50_ms"] / b["p50_ms"] for r, b in zip(runs, bare)]
-        cpu_ratios = [r["cpu_ms_per_task"] / b["cpu_ms_per_task"] for r, b in zip(runs, bare)]
-        summary[name] = {
-            "throughput_per_s": statistics.median(r["throughput_per_s"] for r in runs),
-            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-            "throughput_ratio": statistics.median(throughput_ratios),
-            "throughput_ratio_mean": statistics.mean(throughput_ratios),
-            "throughput_ratio_min": min(throughput_ratios), "throughput_ratio_max": max(throughput_ratios),
-            "p50_ratio": statistics.median(p50_ratios),
-            "p50_ratio_min": min(p50_ratios), "p50_ratio_max": max(p50_ratios),
-            "cpu_ms_per_task": statistics.median(r["cpu_ms_per_task"] for r in runs),
-            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
-            "cpu_ratio_max": max(cpu_ratios),
-            "target_throughput_ratio": TARGETS.get(name),
-        }
+        slices = results[name]
+        row = {"target_throughput_ratio": TARGETS.get(name)}
+        for figure, key in (("throughput", "throughput_per_s"), ("p50", "p50_ms"), ("cpu", "cpu_ms_per_task")):
+            ratios = [r[key] / b[key] for r, b in zip(slices, bare)]
+            q1, q3 = quartiles(ratios)
+            row |= {key: statistics.median(r[key] for r in slices), f"{figure}_ratio": statistics.median(ratios),
+                    f"{figure}_ratio_q1": q1, f"{figure}_ratio_q3": q3, f"{figure}_ratio_min": min(ratios),
+                    f"{figure}_ratio_max": max(ratios), f"{figure}_ratio_mean": statistics.mean(ratios)}
+        summary[name] = row
+    return summary
 
-    table = Table(title=f"loadlab bench overhead: {args.rounds} interleaved rounds, {args.tasks} no-op tasks burst, "
-                        f"{args.paced_tasks} paced at {args.paced_rate:g}/s, {args.workers} worker x "
-                        f"{args.concurrency} prefork", box=None, header_style="bold")
-    for column in ("configuration", "tasks/s", "x bare (min-max)", "target", "p50 ms", "p50 x bare (min-max)",
-                   "CPU ms/task", "CPU x bare (min-max)"):
+
+def summary_table(summary: dict, args):
+    from rich.table import Table
+
+    table = Table(title=f"loadlab bench overhead: {args.rounds} rounds, each a slice per configuration "
+                        f"({args.paced_tasks} no-op tasks paced at {args.paced_rate:g}/s, then a burst of {args.tasks}), "
+                        f"{args.workers} worker x {args.concurrency} prefork per stack", box=None, header_style="bold")
+    for column in ("configuration", "tasks/s", "x bare (IQR)", "target", "p50 ms", "p50 x bare (IQR)",
+                   "CPU ms/task", "CPU x bare (IQR)"):
         table.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
     for name, row in summary.items():
         target = row["target_throughput_ratio"]
         verdict = "" if target is None else (f">= {target:.2f} " + ("ok" if row["throughput_ratio"] >= target else "MISSED"))
-        table.add_row(name, f"{row['throughput_per_s']:.1f}",
-                      f"{row['throughput_ratio']:.3f} ({row['throughput_ratio_min']:.3f}-{row['throughput_ratio_max']:.3f})",
-                      verdict, f"{row['p50_ms']:.2f}",
-                      f"{row['p50_ratio']:.3f} ({row['p50_ratio_min']:.3f}-{row['p50_ratio_max']:.3f})",
-                      f"{row['cpu_ms_per_task']:.2f}",
-                      f"{row['cpu_ratio']:.3f} ({row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f})")
-    console.print(table)
-    console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
-                  "rate; CPU: every stack process and the producer, per task of the burst (steadier than rates when "
-                  "other work shares the machine). Ratios per round against that round's bare run; median over rounds "
-                  "(min-max).")
-    console.print(f"took {time.monotonic() - started:.0f}s; runs and logs under {out}")
-    record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
-              "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
-              "runs": results, "summary": summary}
-    (out / "bench.json").write_text(json.dumps(record, indent=2))
-    return record
+        table.add_row(name, f"{row['throughput_per_s']:.1f}", _ratio(row, "throughput"), verdict,
+                      f"{row['p50_ms']:.2f}", _ratio(row, "p50"), f"{row['cpu_ms_per_task']:.2f}", _ratio(row, "cpu"))
+    return table
+
+
+def _ratio(row: dict, figure: str) -> str:
+    return f"{row[f'{figure}_ratio']:.3f} ({row[f'{figure}_ratio_q1']:.3f}-{row[f'{figure}_ratio_q3']:.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loadlab bench overhead")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("produce")
-    p.add_argument("--burst", type=int, required=True)
-    p.add_argument("--paced", type=int, required=True)
-    p.add_argument("--rate", type=float, required=True)
-    p.add_argument("--warmup", type=int, default=100)
+    p = sub.add_parser("serve")
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--watch-pids", default="")
     b = sub.add_parser("bench")  # the defaults live in the CLI (loadlab bench overhead), which passes them all
     b.add_argument("--rounds", type=int, required=True)
@@ -240,9 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--concurrency", type=int, required=True)
     b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.command == "produce":
-        pids = [int(p) for p in args.watch_pids.split(",") if p]
-        print(json.dumps(produce(args.burst, args.paced, args.rate, args.warmup, pids)), flush=True)
+    if args.command == "serve":
+        serve(args.warmup, [int(p) for p in args.watch_pids.split(",") if p])
         return 0
     bench(args)
     return 0

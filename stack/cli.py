@@ -493,16 +493,16 @@ def bench_recorder_command(sizes):
 
 
 @bench.command("overhead")
-@click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds of the 4 configurations, rotated (4: each in every position once)")
-@click.option("--tasks", default=5000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each run's burst (throughput)")
-@click.option("--paced-tasks", default=200, show_default=True, type=click.IntRange(min=20), help="Tasks of each run's paced phase (p50)")
+@click.option("--rounds", default=16, show_default=True, type=click.IntRange(min=1), help="Rounds of one slice per configuration, the order rotated each round")
+@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each slice's burst (throughput)")
+@click.option("--paced-tasks", default=40, show_default=True, type=click.IntRange(min=10), help="Tasks of each slice's paced phase (p50)")
 @click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes per stack")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
-@click.option("--out", default=None, help="Directory for bench.json and each run's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
+@click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
 def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out):
-    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, interleaved: throughput, p50 and
-    CPU per task, each as a ratio to bare with its spread."""
+    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced: four stacks side by side taking
+    turns, throughput, p50 and CPU per task, each as a ratio to bare with its spread."""
     import subprocess
 
     run_dir = _run_dir(out, "bench-overhead")

@@ -310,6 +310,10 @@ def test_sampled_tracing_keeps_whole_traces_and_leaves_unsampled_tasks_without_s
         # every attempt ran, was published (the API's publish, then the retry's from the worker) and stored its state
         assert len(runs) == len(stores) == len(publishes) == ids[task_id], spans
         assert all(run["parentSpanId"] in publishes for run in runs)
+        if ids[task_id] == 2:  # contrib's retry and failure handlers found the run spans loadlab's lean path made
+            by_state = {run["attrs"]["celery.state"]: run for run in runs}
+            assert "celery.retry.reason" in by_state["RETRY"]["attrs"], runs
+            assert by_state["FAILURE"]["status"]["code"] == 2, runs
         assert any(p["parentSpanId"] == server["spanId"] for p in publishes.values())
     # a ratio of 0.5 over 60 tasks: both sides are far from empty; an unsampled task left no span anywhere
     assert 6 <= len(sampled_ids) <= 54, len(sampled_ids)
@@ -342,3 +346,55 @@ def test_locust_users_starting_together_share_one_app_and_one_set_of_publish_spa
     assert done.returncode == 0, done.stderr[-2000:]
     apps, publish_handlers = map(int, done.stdout.split())
     assert (apps, publish_handlers) == (1, 1)
+
+
+def _otlp_reference_json(span) -> dict:
+    """The span as the SDK's OTLP encoder makes it, turned into OTLP JSON's conventions (hex ids, int enums)."""
+    import base64
+
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    request = MessageToDict(encode_spans([span]), use_integers_for_enums=True)
+    (reference,) = request["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    for holder in [reference, *reference.get("links", [])]:
+        for key in ("traceId", "spanId", "parentSpanId"):
+            if key in holder:
+                holder[key] = base64.b64decode(holder[key]).hex()
+    reference.pop("flags", None)  # W3C flags of the span and its parent: not written to traces.jsonl
+    for link in reference.get("links", []):
+        link.pop("flags", None)
+    reference["status"].setdefault("code", 0)
+    return reference
+
+
+def test_the_span_encoder_writes_what_the_sdks_otlp_encoder_means(tmp_path):
+    # traces.jsonl is encoded by hand for speed: it must say what the SDK's own OTLP encoder says, span for span
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    tracer = provider.get_tracer("t")
+    parent = tracer.start_span("parent", kind=trace.SpanKind.PRODUCER,
+                               attributes={"s": "a \"quoted\" café", "i": 7, "f": 0.25, "b": True, "zero": 0,
+                                           "list": ["x", "y"], "ints": [1, 2]})
+    parent.end()
+    child = tracer.start_span("store_result/loadlab.noop", context=trace.set_span_in_context(parent),
+                              kind=trace.SpanKind.CLIENT, links=[trace.Link(parent.get_span_context(), {"k": "v"})])
+    child.add_event("retry", {"attempt": 2})
+    child.set_status(trace.Status(trace.StatusCode.ERROR, "boom"))
+    child.end()
+    bare = tracer.start_span("bare")
+    bare.end()
+    for span in (parent, child, bare):
+        ours = _without_empty_lists(json.loads(tracing.encode_span_json(span)))
+        assert ours == _otlp_reference_json(span), span.name
+
+
+def _without_empty_lists(value):
+    """protobuf's JSON leaves out empty repeated fields; OTLP JSON may carry them as []."""
+    if isinstance(value, dict):
+        return {k: _without_empty_lists(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):
+        return [_without_empty_lists(v) for v in value]
+    return value
