@@ -320,14 +320,20 @@ class RunPrometheus:
         """A last scrape of every endpoint, then stop; ``meta.json`` gets ``stopped_at``. Safe to call twice."""
         if self.server is None:
             return
+        scraped_at = None
         try:
             if self.server.running():
                 self.refresh_targets()
                 self.wait_scraped(time.time(), wait_s)
+                scraped_at = time.time()
+                # A scrape still being written when Prometheus gets SIGTERM is stored as failed (up 0, the target's
+                # series marked stale). Let every scrape begun by now finish (scrape_timeout is the interval); the
+                # data ends where the final scrapes were seen, so one cut short by the shutdown lies after it.
+                time.sleep(SCRAPE_INTERVAL_S)
         finally:
             self.server.stop()
             self.server = None
-            self.meta["stopped_at"] = time.time()
+            self.meta["stopped_at"] = scraped_at or time.time()
             self.meta.pop("url", None)
             write_json_atomic(self.meta_file, self.meta)
 

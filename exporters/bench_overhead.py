@@ -194,6 +194,27 @@ class ConfigurationStack:
         return line
 
 
+def start_all(base, out: Path, warmup: int, stacks) -> dict[str, ConfigurationStack]:
+    """The four stacks, started one after another (each takes free ports as it starts: side by side they could
+    pick the same one) and, at ``stacks``' exit, stopped side by side (each mostly waits for its processes to
+    leave). Those that started are stopped even when a later one fails to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    up: dict[str, ConfigurationStack] = {}
+
+    def stop_all(*exc) -> None:
+        with ThreadPoolExecutor(len(up) or 1) as pool:
+            for stack in up.values():
+                pool.submit(stack.__exit__, *exc)
+
+    stacks.push(stop_all)
+    for name, metrics, tracing in CONFIGS:
+        stack = ConfigurationStack(base, name, metrics, tracing, out / name.replace(" ", "-").replace("+", "-"),
+                                   warmup)
+        up[name] = stack.__enter__()
+    return up
+
+
 def rotated(configs: tuple, round_index: int) -> list:
     """Round r runs the configurations starting at the r-th (A B C D, B C D A, …): over len(configs) rounds each
     takes every position once, so a position effect (the slice after another stack's burst, a warming machine) does
@@ -223,11 +244,8 @@ def bench(args) -> dict:
     results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
     started = time.monotonic()
     with contextlib.ExitStack() as stacks:
-        configured = {}
-        for name, metrics, tracing in CONFIGS:
-            with console.status(f"starting the {name} stack and its producer…"):
-                configured[name] = stacks.enter_context(ConfigurationStack(
-                    base, name, metrics, tracing, out / name.replace(" ", "-").replace("+", "-"), args.warmup))
+        with console.status("starting the 4 stacks and their producers…"):
+            configured = start_all(base, out, args.warmup, stacks)
         console.print(f"4 stacks up in {time.monotonic() - started:.0f}s; {args.rounds} rounds of a slice each")
         for round_index in range(args.rounds):
             line = []

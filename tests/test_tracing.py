@@ -19,7 +19,7 @@ import redis
 from exporters import tracing
 from stack.settings import Settings
 from stack.supervisor import Stack
-from tests.conftest import MACHINE_REDIS, need_service, processes_mentioning, unique, wait_until
+from tests.conftest import MACHINE_REDIS, need_service, processes_mentioning, run_cli, unique, wait_until
 from tests.test_metrics import parse_prom, total
 
 CONSUMER, PRODUCER, SERVER, CLIENT = 5, 4, 2, 3
@@ -398,3 +398,21 @@ def _without_empty_lists(value):
     if isinstance(value, list):
         return [_without_empty_lists(v) for v in value]
     return value
+
+
+def test_bench_overhead_runs_the_four_stacks_side_by_side_and_prints_ratios_to_bare(run_dir):
+    result = run_cli("bench", "overhead", "--rounds", "1", "--tasks", "100", "--paced-tasks", "10", "--out",
+                     str(run_dir), timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("bare", "metrics", "metrics+sampled", "all traced"):
+        assert name in result.stdout
+    assert ">= 0.97" in result.stdout and ">= 0.90" in result.stdout  # the targets, each with its verdict
+    data = json.loads((run_dir / "bench.json").read_text())
+    assert set(data["slices"]) == {"bare", "metrics", "metrics+sampled", "all traced"}
+    for name, slices in data["slices"].items():
+        assert [s["round"] for s in slices] == [1], name
+        assert all(s["throughput_per_s"] > 0 and s["p50_ms"] > 0 and s["cpu_ms_per_task"] > 0 for s in slices)
+    assert data["summary"]["bare"]["throughput_ratio"] == 1.0
+    # the traced stack wrote its spans; the bare one has none
+    assert read_spans(run_dir / "all-traced" / tracing.TRACES_FILE)
+    assert not (run_dir / "bare" / tracing.TRACES_FILE).exists()
