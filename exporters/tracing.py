@@ -197,10 +197,13 @@ def celery_instrumentor_class():
         - **Traced tasks**: contrib's publish and run handlers set each attribute in its own call (the SDK takes a
           lock and validates the value per call), enter ``use_span`` on top of attaching the extracted context,
           run the composite propagators both ways and record a runtime histogram for a meter loadlab does not
-          export: ~700 Python calls per task beyond the two spans. The lean path makes the same spans (names,
-          kinds, parents, attributes) with their attributes given at start, one context attach each, and the W3C
-          ``traceparent`` written and read directly. It keeps contrib's per-task store on the task object, so
-          contrib's failure and retry handlers still find the run span.
+          export. The lean path makes the same spans (names, kinds, parents, attributes) with their attributes
+          given at start, one context attach each, and the W3C ``traceparent`` written and read directly. It keeps
+          contrib's per-task store on the task object, so contrib's failure and retry handlers still find the run
+          span. Measured with callgrind on Celery's task path in one process (prerun, a no-op task, the result
+          stored in Redis, postrun; metrics on): 1.11 M instructions per task untraced; traced through contrib's
+          handlers (with the store span through the SDK) +718 k; through this path, the direct result-store span
+          and the encoder below, +433 k.
 
         Both need the default propagators (W3C trace context, baggage); a task with baggage or a ``tracestate``,
         or a process with other propagators, goes through contrib unchanged."""
