@@ -265,8 +265,9 @@ def celery_instrumentor_class():
         def _publish_traced(self, headers: dict, kwargs) -> bool:
             """contrib's publish span, made as the SDK would (its sampler, id generator and flags) but handed to the
             span processors as a ``ReadableSpan`` when the message is out, timed by loadlab: the SDK's live span
-            (locks, bounded copies) is most of a publish's tracing cost, and nothing is recorded onto this one
-            while it is open. The ``traceparent`` is written directly. False: contrib's path."""
+            (locks, bounded copies) was a third of a publish's tracing cost (callgrind, one ``send_task`` to Redis:
+            2.36 M instructions untraced, +298 k traced with the SDK's span, +203 k this way), and nothing is
+            recorded onto this span while it is open. The ``traceparent`` is written directly. False: contrib's."""
             task_id = headers.get("id")
             if task_id is None or self._span_processor is None or baggage.get_all():
                 return False
