@@ -185,7 +185,6 @@ def celery_instrumentor_class():
     from time import time_ns
 
     from opentelemetry.instrumentation.celery import CeleryInstrumentor, utils
-    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace import Tracer as SdkTracer
 
     producer, consumer = trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER
@@ -219,17 +218,14 @@ def celery_instrumentor_class():
             self._lean = fast_path_possible()
             self._sampler = getattr(provider, "sampler", None)
             self._ids = getattr(provider, "id_generator", None)
-            self._span_processor = self._resource = self._scope = None
+            self._finished = None  # publish spans handed to the processors once sent (an SDK tracer only)
             self._unsampled_runs: dict[str, object] = {}  # task id -> context token
             self._unsampled_publishes: set[str] = set()    # task ids published by the fast path, until after_publish
             if not hasattr(self._ids, "preset"):
                 self._fast_path = False
             super()._instrument(**kwargs)
             if isinstance(self._tracer, SdkTracer) and self._sampler is not None and self._ids is not None:
-                # where publish spans go without the SDK's live span: contrib's tracer's processors and scope
-                self._span_processor = self._tracer.span_processor
-                self._resource = self._tracer.resource
-                self._scope = getattr(self._tracer, "_instrumentation_scope", None)
+                self._finished = finished_spans(self._tracer)  # contrib's tracer: its processors and scope
 
         # -- publish ----------------------------------------------------------------------------------------------
         def _trace_before_publish(self, *args, **kwargs):
@@ -255,10 +251,7 @@ def celery_instrumentor_class():
                     context.detach(token)
                     if published is not None:
                         name, span_context, parent, attributes, started = published
-                        self._span_processor.on_end(ReadableSpan(
-                            name=name, context=span_context, parent=parent, resource=self._resource,
-                            attributes=attributes, kind=producer, start_time=started, end_time=time_ns(),
-                            instrumentation_scope=self._scope))
+                        self._finished(name, span_context, parent, attributes, producer, started, time_ns())
                     return
             super()._trace_after_publish(*args, **kwargs)
 
@@ -269,12 +262,13 @@ def celery_instrumentor_class():
             2.36 M instructions untraced, +298 k traced with the SDK's span, +203 k this way), and nothing is
             recorded onto this span while it is open. The ``traceparent`` is written directly. False: contrib's."""
             task_id = headers.get("id")
-            if task_id is None or self._span_processor is None or baggage.get_all():
+            if task_id is None or self._finished is None or baggage.get_all():
                 return False
             task = utils.retrieve_task_from_sender(kwargs)
-            name = f"apply_async/{task.name if task is not None else kwargs.get('sender', 'unknown')}"
+            task_name = task.name if task is not None else kwargs.get("sender", "unknown")
+            name = f"apply_async/{task_name}"
             attributes = {"celery.action": "apply_async", "messaging.message.id": task_id,
-                          "celery.task_name": name[len("apply_async/"):]}
+                          "celery.task_name": task_name}
             routing_key = kwargs.get("routing_key")
             if routing_key and isinstance(routing_key, str):
                 attributes["messaging.destination"] = routing_key
@@ -382,8 +376,7 @@ _LEAN = object()  # in contrib's per-task store, in place of a use_span activati
 def _remote_parent(traceparent, request):
     """The sender's span context from a W3C ``traceparent`` (version 00), or None: malformed, or the message also
     carries what only contrib's propagators read (``tracestate``, ``baggage``)."""
-    from opentelemetry import trace
-
+    trace = _trace_api()
     fields = _fields(request)
     if (not isinstance(traceparent, str) or len(traceparent) != 55 or not traceparent.startswith("00-")
             or fields.get("tracestate") or fields.get("baggage")):
@@ -395,6 +388,13 @@ def _remote_parent(traceparent, request):
     except ValueError:
         return None
     return span_context if span_context.is_valid else None
+
+
+@functools.cache
+def _trace_api():
+    from opentelemetry import trace  # imported once tracing is on: with --tracing off nothing of OTel is loaded
+
+    return trace
 
 
 # context key -> attribute (OTel messaging semconv where there is one, contrib Celery's names otherwise)
@@ -494,14 +494,12 @@ def trace_result_store(app, provider) -> None:
     from time import time_ns
 
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import ReadableSpan
 
     tracer = provider.get_tracer("loadlab.result_store")
     current_span = trace.get_current_span
     client = trace.SpanKind.CLIENT
     db_system = result_backend_system(app)
-    span_processor, scope = tracer.span_processor, getattr(tracer, "_instrumentation_scope", None)
-    new_span_id, resource = tracer.id_generator.generate_span_id, tracer.resource
+    finished, new_span_id = finished_spans(tracer), tracer.id_generator.generate_span_id
 
     def traced_store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         parent = current_span()
@@ -525,14 +523,28 @@ def trace_result_store(app, provider) -> None:
         span_context = trace.SpanContext(parent_context.trace_id, new_span_id(), is_remote=False,
                                          trace_flags=parent_context.trace_flags,
                                          trace_state=parent_context.trace_state)
-        span_processor.on_end(ReadableSpan(name=name, context=span_context, parent=parent_context,
-                                           resource=resource, attributes=attributes, kind=client,
-                                           start_time=started, end_time=ended, instrumentation_scope=scope))
+        finished(name, span_context, parent_context, attributes, client, started, ended)
         return stored
 
     traced_store_result.__loadlab_traced__ = True
     traced_store_result.__wrapped__ = store_result
     backend_class.store_result = traced_store_result
+
+
+def finished_spans(tracer):
+    """``finished(name, context, parent, attributes, kind, start_ns, end_ns)``: a span that loadlab timed itself,
+    handed to the SDK tracer's span processors as the SDK's ``ReadableSpan`` (resource and scope of the tracer)."""
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    on_end, resource = tracer.span_processor.on_end, tracer.resource
+    scope = getattr(tracer, "_instrumentation_scope", None)
+
+    def finished(name, span_context, parent, attributes, kind, start_time, end_time) -> None:
+        on_end(ReadableSpan(name=name, context=span_context, parent=parent, resource=resource,
+                            attributes=attributes, kind=kind, start_time=start_time, end_time=end_time,
+                            instrumentation_scope=scope))
+
+    return finished
 
 
 def result_backend_system(app) -> str:
@@ -822,8 +834,10 @@ def _span_collections(span) -> tuple:
     BoundedAttributes, BoundedList = _bounded_types()
     attributes, events, links = (getattr(span, "_attributes", None), getattr(span, "_events", None),
                                  getattr(span, "_links", None))
-    attributes = (attributes._dict if isinstance(attributes, BoundedAttributes)
-                  and isinstance(getattr(attributes, "_dict", None), dict) else span.attributes)
+    if isinstance(attributes, BoundedAttributes) and isinstance(getattr(attributes, "_dict", None), dict):
+        attributes = attributes._dict
+    elif not isinstance(attributes, dict):  # loadlab's own finished spans keep the dict they were given
+        attributes = span.attributes
     events = events if isinstance(events, BoundedList) and not events else span.events
     links = links if isinstance(links, (tuple, BoundedList)) and not links else span.links
     return attributes, events, links
