@@ -400,6 +400,70 @@ def _without_empty_lists(value):
     return value
 
 
+def _exported(limits=None, sampler=None):
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits or SpanLimits(), **({"sampler": sampler} if sampler else {}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("loadlab.test"), exporter
+
+
+@pytest.mark.parametrize("max_length", [None, 4])
+def test_the_run_span_started_without_start_span_is_the_span_start_span_makes(max_length):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanLimits
+
+    parent = trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                               trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    parent_context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    attributes = {"messaging.message.id": "6b3c0c5e", "celery.retries": 2, "celery.task_name": "loadlab.noop"}
+    spans = []
+    for lean in (True, False):
+        tracer, exporter = _exported(SpanLimits(max_span_attribute_length=max_length))
+        start = tracing.started_spans(tracer)
+        assert start is not None  # this SDK keeps the fields the lean path sets: the lean path is what runs
+        span = (start("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes)) if lean else
+                tracer.start_span("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes)))
+        # what contrib's failure and retry handlers and a task's own code do to the run span
+        span.set_attribute("celery.retry.reason", "boom")
+        span.record_exception(ValueError("boom"))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "boom"))
+        span.end()
+        (finished,) = exporter.get_finished_spans()
+        spans.append(finished)
+    lean, sdk = spans
+    assert lean.context.trace_id == sdk.context.trace_id == parent.trace_id
+    assert lean.context.span_id != sdk.context.span_id and lean.parent == sdk.parent == parent
+    assert lean.context.trace_flags == sdk.context.trace_flags and lean.context.trace_flags.sampled
+    assert (lean.name, lean.kind, lean.status.status_code, lean.status.description) == (
+        sdk.name, sdk.kind, sdk.status.status_code, sdk.status.description)
+    assert dict(lean.attributes) == dict(sdk.attributes)
+    if max_length:
+        assert lean.attributes["messaging.message.id"] == "6b3c"  # the limits apply as in the SDK's path
+    assert [(e.name, e.attributes["exception.type"]) for e in lean.events] == [
+        (e.name, e.attributes["exception.type"]) for e in sdk.events] == [("exception", "ValueError")]
+    assert lean.resource == sdk.resource and lean.instrumentation_scope == sdk.instrumentation_scope
+    assert lean.start_time <= lean.end_time
+
+
+def test_the_lean_run_span_follows_the_sampler_for_a_root_it_drops():
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    tracer, exporter = _exported(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    start = tracing.started_spans(tracer)
+    spans = [start("run/loadlab.noop", None, trace.SpanKind.CONSUMER, {}) for _ in range(400)]
+    kept = [s for s in spans if s.is_recording()]
+    assert 100 < len(kept) < 300  # the ratio sampler decided, per trace id
+    assert all(s.get_span_context().trace_flags.sampled == s.is_recording() for s in spans)
+    for span in spans:
+        span.end()
+    assert len(exporter.get_finished_spans()) == len(kept)
+
+
 def test_bench_overhead_runs_the_four_stacks_side_by_side_and_prints_ratios_to_bare(run_dir):
     result = run_cli("bench", "overhead", "--rounds", "1", "--tasks", "100", "--paced-tasks", "10", "--out",
                      str(run_dir), timeout=240)
