@@ -1,27 +1,31 @@
 """``loadlab bench overhead``: what loadlab's own instrumentation costs the stack it measures.
 
-The same no-op workload on four configurations:
+The same no-op workload on five stacks:
 
-- ``bare``: metrics off, tracing off (the task ledger, which every loadlab run needs, is on in all four);
+- ``bare``: metrics off, tracing off (the task ledger, which every loadlab run needs, is on in all of them);
 - ``metrics``: the default instrumentation (metrics on, tracing off), exporter service included;
 - ``metrics+sampled``: metrics and ``--tracing sampled`` at the configured ratio;
-- ``all traced``: metrics and every task traced.
+- ``all traced``: metrics and every task traced;
+- ``bare again``: a second bare stack, the A/A control: its ratio to ``bare`` is what this machine's noise alone
+  gives, the resolution of the run.
 
-The four stacks run side by side for the whole bench, each with its own producer process (a clean interpreter,
-instrumented like its configuration, as the load generator would be), and take turns: in round r one slice of work on
-each, in the order A B C D rotated by r (so no configuration has a fixed position). Only the stack whose turn it is
-has work; the others sit idle (their periodic polls and heartbeats cost well under 1 % of a core).
+The stacks run side by side for the whole bench, each with its own producer process (a clean interpreter,
+instrumented like its configuration, as the load generator would be), and take turns: in round r each runs a burst,
+in the order A B C D E rotated by r (so no configuration has a fixed position), then each runs its paced phase in
+the same order. Only the stack whose turn it is has work; the others sit idle (their periodic polls and heartbeats
+cost well under 1 % of a core), and a turn ends only when its stack has gone quiet.
 
 Why side by side and short turns: this machine's speed drifts by 10-30 % over tens of seconds (a shared VM), more
 than the effects measured. With a fresh stack per run, runs of 20 s and ratios per round compared moments a minute
-apart; here a round's four slices follow each other within seconds, so the drift cancels in each round's ratios, and
-many rounds give a median with a narrow spread.
+apart; here a round's bursts follow each other within seconds, so most of the drift cancels in each round's ratios.
 
-Each slice: a paced phase (a rate the stack keeps up with; its end-to-end p50 is the latency figure), then a burst
-published as fast as one producer can (tasks / first publish -> last result stored is the throughput figure; the CPU
-time of the stack's processes and the producer during it, per task, is the CPU figure). Times come from the
-producer's clock and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare
-slice; the figure printed is their median, the spread their interquartile range; bench.json keeps every slice.
+The burst: tasks published as fast as one producer can (tasks / first publish -> last result stored is the
+throughput figure; the CPU time of the stack's processes and the producer, per task, is the CPU figure). The paced
+phase: a rate the stack keeps up with; its end-to-end p50 is the latency figure. Times come from the producer's clock
+and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare stack; the figure
+printed is their median with a bootstrap 95 % confidence interval (SciPy), and a target's verdict is ``ok`` or
+``MISSED`` only when the interval lies on one side of it (``not resolved`` otherwise: more rounds narrow it).
+bench.json keeps every slice.
 """
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ CONFIGS = (
     ("metrics", "on", "off"),
     ("metrics+sampled", "on", "sampled"),
     ("all traced", "on", "all"),
+    ("bare again", "off", "off"),  # the A/A control
 )
+CONTROL = "bare again"
+CONFIDENCE = 0.95
 # issue #3: the default instrumentation (metrics on, tracing off) >= 0.97 x bare; every task traced >= 0.90 x
 TARGETS = {"metrics": 0.97, "all traced": 0.90}
 NOOP = "loadlab.noop"
@@ -215,7 +222,7 @@ class ConfigurationStack:
 
 
 def start_all(base, out: Path, warmup: int, stacks) -> dict[str, ConfigurationStack]:
-    """The four stacks, started one after another (each takes free ports as it starts: side by side they could
+    """The stacks, started one after another (each takes free ports as it starts: side by side they could
     pick the same one) and, at ``stacks``' exit, stopped side by side (each mostly waits for its processes to
     leave). Those that started are stopped even when a later one fails to start."""
     from concurrent.futures import ThreadPoolExecutor
@@ -264,13 +271,13 @@ def bench(args) -> dict:
     results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
     started = time.monotonic()
     with contextlib.ExitStack() as stacks:
-        with console.status("starting the 4 stacks and their producers…"):
+        with console.status(f"starting the {len(CONFIGS)} stacks and their producers…"):
             configured = start_all(base, out, args.warmup, stacks)
-        console.print(f"4 stacks up in {time.monotonic() - started:.0f}s; {args.rounds} rounds of a slice each")
+        console.print(f"{len(CONFIGS)} stacks up in {time.monotonic() - started:.0f}s; {args.rounds} rounds")
         for round_index in range(args.rounds):
             order = rotated(CONFIGS, round_index)
             round_results = {name: {"round": round_index + 1} for name, *_ in CONFIGS}
-            # the bursts back to back, then the paced phases: the four bursts a round compares come within seconds
+            # the bursts back to back, then the paced phases: the bursts a round compares come within seconds
             for phase, paced, burst in (("burst", 0, args.tasks), ("paced", args.paced_tasks, 0)):
                 for name, *_ in order:
                     with console.status(f"round {round_index + 1}/{args.rounds}: {name}, {phase}…"):
@@ -284,7 +291,9 @@ def bench(args) -> dict:
     console.print(summary_table(summary, args))
     console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
                   "rate; CPU: every stack process and the producer, per task of the burst. Ratios per round against "
-                  "that round's bare slice: median over rounds (interquartile range).")
+                  "that round's bare stack: median over rounds [bootstrap 95% confidence interval]. 'bare again' is "
+                  "a second bare stack: how far its ratio strays from 1 is this machine's noise. A target is 'ok' or "
+                  "'MISSED' only when the whole interval is on one side of it.", markup=False)
     console.print(f"took {time.monotonic() - started:.0f}s; slices and logs under {out}")
     record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
               "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
@@ -302,32 +311,59 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         for figure, key in (("throughput", "throughput_per_s"), ("p50", "p50_ms"), ("cpu", "cpu_ms_per_task")):
             ratios = [r[key] / b[key] for r, b in zip(slices, bare)]
             q1, q3 = quartiles(ratios)
+            low, high = median_interval(ratios)
             row |= {key: statistics.median(r[key] for r in slices), f"{figure}_ratio": statistics.median(ratios),
+                    f"{figure}_ratio_ci_low": low, f"{figure}_ratio_ci_high": high,
                     f"{figure}_ratio_q1": q1, f"{figure}_ratio_q3": q3, f"{figure}_ratio_min": min(ratios),
                     f"{figure}_ratio_max": max(ratios), f"{figure}_ratio_mean": statistics.mean(ratios)}
+        target = row["target_throughput_ratio"]
+        if target is not None:
+            row["verdict"] = verdict(row["throughput_ratio_ci_low"], row["throughput_ratio_ci_high"], target)
         summary[name] = row
     return summary
+
+
+def median_interval(ratios: list[float]) -> tuple[float, float]:
+    """Bootstrap confidence interval of the median (percentile method, fixed seed: the same slices give the same
+    interval). With one value or identical values there is nothing to resample: the interval is that value."""
+    if len(ratios) < 2 or len(set(ratios)) == 1:
+        return ratios[0], ratios[0]
+    import numpy
+    from scipy.stats import bootstrap
+
+    result = bootstrap((numpy.asarray(ratios),), numpy.median, confidence_level=CONFIDENCE, method="percentile",
+                       n_resamples=4000, random_state=0)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def verdict(low: float, high: float, target: float) -> str:
+    """``ok`` when the whole interval meets the target, ``MISSED`` when none of it does, else ``not resolved``."""
+    if low >= target:
+        return "ok"
+    if high < target:
+        return "MISSED"
+    return "not resolved"
 
 
 def summary_table(summary: dict, args):
     from rich.table import Table
 
-    table = Table(title=f"loadlab bench overhead: {args.rounds} rounds, each a slice per configuration "
-                        f"({args.paced_tasks} no-op tasks paced at {args.paced_rate:g}/s, then a burst of {args.tasks}), "
-                        f"{args.workers} worker x {args.concurrency} prefork per stack", box=None, header_style="bold")
-    for column in ("configuration", "tasks/s", "x bare (IQR)", "target", "p50 ms", "p50 x bare (IQR)",
-                   "CPU ms/task", "CPU x bare (IQR)"):
+    table = Table(title=f"loadlab bench overhead: {args.rounds} rounds; in each, a burst of {args.tasks} no-op tasks "
+                        f"per stack, then {args.paced_tasks} paced at {args.paced_rate:g}/s; {args.workers} worker x "
+                        f"{args.concurrency} prefork per stack", box=None, header_style="bold")
+    for column in ("configuration", "tasks/s", "x bare [95% CI]", "target", "p50 ms", "p50 x bare [95% CI]",
+                   "CPU ms/task", "CPU x bare [95% CI]"):
         table.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
     for name, row in summary.items():
         target = row["target_throughput_ratio"]
-        verdict = "" if target is None else (f">= {target:.2f} " + ("ok" if row["throughput_ratio"] >= target else "MISSED"))
-        table.add_row(name, f"{row['throughput_per_s']:.1f}", _ratio(row, "throughput"), verdict,
+        shown = "A/A control" if name == CONTROL else "" if target is None else f">= {target:.2f} {row['verdict']}"
+        table.add_row(name, f"{row['throughput_per_s']:.1f}", _ratio(row, "throughput"), shown,
                       f"{row['p50_ms']:.2f}", _ratio(row, "p50"), f"{row['cpu_ms_per_task']:.2f}", _ratio(row, "cpu"))
     return table
 
 
 def _ratio(row: dict, figure: str) -> str:
-    return f"{row[f'{figure}_ratio']:.3f} ({row[f'{figure}_ratio_q1']:.3f}-{row[f'{figure}_ratio_q3']:.3f})"
+    return f"{row[f'{figure}_ratio']:.3f} [{row[f'{figure}_ratio_ci_low']:.3f}-{row[f'{figure}_ratio_ci_high']:.3f}]"
 
 
 def main(argv: list[str] | None = None) -> int:

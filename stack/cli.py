@@ -493,16 +493,17 @@ def bench_recorder_command(sizes):
 
 
 @bench.command("overhead")
-@click.option("--rounds", default=16, show_default=True, type=click.IntRange(min=1), help="Rounds of one slice per configuration, the order rotated each round")
-@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each slice's burst (throughput)")
-@click.option("--paced-tasks", default=40, show_default=True, type=click.IntRange(min=10), help="Tasks of each slice's paced phase (p50)")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Rounds of a burst and a paced phase per stack, the order rotated each round")
+@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each burst (throughput)")
+@click.option("--paced-tasks", default=40, show_default=True, type=click.IntRange(min=10), help="Tasks of each paced phase (p50)")
 @click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes per stack")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
 @click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
 def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out):
-    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced: four stacks side by side taking
-    turns, throughput, p50 and CPU per task, each as a ratio to bare with its spread."""
+    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, and a second bare stack as the A/A
+    control: five stacks side by side taking turns; throughput, p50 and CPU per task, each as a ratio to bare with
+    its 95% confidence interval."""
     import subprocess
 
     run_dir = _run_dir(out, "bench-overhead")
