@@ -480,8 +480,20 @@ def test_bench_overhead_runs_the_stacks_side_by_side_and_prints_ratios_to_bare(r
         assert all(s["throughput_per_s"] > 0 and s["p50_ms"] > 0 and s["cpu_ms_per_task"] > 0 for s in slices)
     assert data["summary"]["bare"]["throughput_ratio"] == 1.0
     # the traced stack wrote its spans; the bare one has none
-    assert read_spans(run_dir / "all-traced" / tracing.TRACES_FILE)
-    assert not (run_dir / "bare" / tracing.TRACES_FILE).exists()
+    assert read_spans(run_dir / "session-1" / "all-traced" / tracing.TRACES_FILE)
+    assert not (run_dir / "session-1" / "bare" / tracing.TRACES_FILE).exists()
+
+
+def test_bench_overhead_starts_every_configuration_first_and_last_over_its_sessions():
+    from exporters.bench_overhead import CONFIGS, sessions
+
+    planned = sessions(20, CONFIGS)
+    assert [len(rounds) for _, rounds in planned] == [4] * 5
+    assert [i for _, rounds in planned for i in rounds] == list(range(20))  # every round once, in order
+    for position in range(len(CONFIGS)):
+        assert {order[position][0] for order, _ in planned} == {name for name, *_ in CONFIGS}
+    assert [len(rounds) for _, rounds in sessions(7, CONFIGS)] == [1, 2, 1, 2, 1]
+    assert len(sessions(1, CONFIGS)) == 1
 
 
 def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_on_one_side_of_it():
