@@ -49,6 +49,30 @@ def need_binary(name: str) -> str:
     pytest.skip(f"{name} is not installed")
 
 
+TEST_QUEUE_PREFIX = "loadlab-test-"  # unique("loadlab-test-"): the queues tests make on shared brokers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_redis_left_clean():
+    """What the run's test queues leave on the machine's Redis, removed at the end. Deleting a queue does not delete
+    kombu's binding tables for its exchange (``_kombu.binding.<queue>``, ``_kombu.binding_permanent.<queue>``: the
+    default exchange is named after the queue), and they have no TTL: every CI run added a few. The names carry the
+    test prefix and a random suffix, so only test keys match."""
+    yield
+    if not port_open("127.0.0.1", 6379):
+        return
+    import redis
+
+    for db in range(16):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+        try:
+            keys = list(client.scan_iter(match=f"*{TEST_QUEUE_PREFIX}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 

@@ -4,7 +4,7 @@ import pytest
 from stack.payloads import make_body
 from stack.settings import Settings
 from stack.supervisor import Stack
-from tests.conftest import MACHINE_REDIS, RABBITMQ, delete_queue, need_service, unique
+from tests.conftest import MACHINE_REDIS, RABBITMQ, TEST_QUEUE_PREFIX, delete_queue, need_service, unique
 
 
 def _combos():
@@ -27,7 +27,7 @@ def test_reference_tasks_run_on_real_workers(broker, backend, run_dir, request):
         backend = f"db+sqlite:///{run_dir / 'results.sqlite'}"
     elif backend == "postgres":
         backend = request.getfixturevalue("postgres_db")
-    queue = unique("loadlab-test-")
+    queue = unique(TEST_QUEUE_PREFIX)
     # Retries 1 s then 2 s apart, not at once: Celery publishes a retry before it stores RETRY, so with a zero
     # delay the last attempt's FAILURE can land first and the earlier attempt's RETRY overwrite it.
     settings = Settings.build(broker=broker, backend=backend, queue=queue, run_id=unique(), concurrency="2",

@@ -19,7 +19,8 @@ import redis
 from exporters import tracing
 from stack.settings import Settings
 from stack.supervisor import Stack
-from tests.conftest import MACHINE_REDIS, need_service, processes_mentioning, run_cli, unique, wait_until
+from tests.conftest import (MACHINE_REDIS, TEST_QUEUE_PREFIX, need_service, processes_mentioning, run_cli, unique,
+                            wait_until)
 from tests.test_metrics import parse_prom, total
 
 CONSUMER, PRODUCER, SERVER, CLIENT = 5, 4, 2, 3
@@ -246,7 +247,7 @@ print(json.dumps(published_at))
 def test_the_publish_span_of_a_task_this_process_does_not_register_covers_the_publish(tmp_path):
     # contrib Celery keeps no handle on such a span: it ended when before_task_publish returned, before the send
     need_service("Redis", "127.0.0.1", 6379)
-    queue = unique("loadlab-test-")
+    queue = unique(TEST_QUEUE_PREFIX)
     script = tmp_path / "publish.py"
     script.write_text(PUBLISH_UNREGISTERED)
     try:
