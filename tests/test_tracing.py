@@ -509,3 +509,36 @@ def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_o
     assert low < 0.97 < high and verdict(low, high, 0.97) == "not resolved"
     assert median_interval(noisy) == (low, high)  # a fixed seed: the same slices, the same interval
     assert median_interval([0.9]) == (0.9, 0.9)
+
+
+def test_bench_overhead_waits_for_results_stored_out_of_order_and_gives_up_at_its_deadline():
+    """The burst's wait watches the last task published, then fetches the rest: results stored in any order are all
+    found, with their date_done, and a result that never comes ends in a TimeoutError, not a hang."""
+    import threading
+
+    from celery import Celery
+
+    from exporters.bench_overhead import _wait_stored
+
+    need_service("Redis", "127.0.0.1", 6379)
+    app = Celery("bench-wait", broker=f"{MACHINE_REDIS}/2", backend=f"{MACHINE_REDIS}/2", set_as_current=False)
+    ids = [f"{TEST_QUEUE_PREFIX}{unique()}" for _ in range(30)]
+    try:
+        def store(order):
+            for task_id in order:
+                app.backend.store_result(task_id, None, "SUCCESS")
+                time.sleep(0.005)
+
+        # the last one published is stored first, the others after it and in reverse
+        writer = threading.Thread(target=store, args=([ids[-1], *reversed(ids[:-1])],))
+        started = time.time()
+        writer.start()
+        done = _wait_stored(app, ids, timeout_s=30)
+        writer.join()
+        assert set(done) == set(ids)
+        assert all(started - 1 <= stamp <= time.time() + 1 for stamp in done.values())
+        with pytest.raises(TimeoutError):
+            _wait_stored(app, [*ids, f"{TEST_QUEUE_PREFIX}{unique()}"], timeout_s=0.5)
+    finally:
+        app.backend.client.delete(*(app.backend.get_key_for_task(task_id) for task_id in ids))
+        app.close()
