@@ -24,8 +24,11 @@ install: $(VENV)/.test-stamp
 run: $(VENV)/.run-stamp
 	$(LOADLAB) run smoke
 
+# Two test files at a time (pytest-xdist, a file's tests stay in one worker with its module fixtures): most of the
+# suite waits on real processes (loads of a fixed duration, drains, deadlines), so two share the 2 cores well.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test-stamp
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) reports/runs

@@ -650,7 +650,9 @@ class SwarmWindows:
                           "submitted_without_sent_record": recorder.adopted}})
         window.report_dir.mkdir(parents=True, exist_ok=True)
         write_json(window.report_dir / "report.json", report)
-        write_rendered(window.report_dir, report)
+        # matplotlib's plots take a second or more of CPU: in a native thread the event loop goes on serving the UI
+        # and the next swarm meanwhile (the GIL is handed over every few ms), where in a greenlet it would stall both
+        gevent.get_hub().threadpool.apply(write_rendered, (window.report_dir, report))
         window.state = "reported"
         self.reports.append(window.report_dir)
         self._prune()

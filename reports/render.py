@@ -18,20 +18,17 @@ def _svg(fig) -> str:
     # no RDF metadata block: the page then carries no URL but the SVG namespace identifiers
     fig.savefig(buffer, format="svg", bbox_inches="tight",
                 metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     text = buffer.getvalue()
     return text[text.index("<svg"):]
 
 
-def _pyplot():
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes, like ``pyplot.subplots`` but without pyplot's global figure registry: nothing to close,
+    and reports can be rendered in several threads at once (the web UI renders off its event loop)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue: str | None = None) -> str | None:
@@ -44,12 +41,11 @@ def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue
     rate_rows = rows[:active[-1] + 1] if active else rows
     if load_stopped_s is not None and len(rate_rows) > 1 and rate_rows[-1]["t_s"] > load_stopped_s:
         rate_rows = rate_rows[:-1]  # the last interval is cut short by the end of the drain: its rates would read low
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     t = [r["t_s"] for r in rate_rows]
-    fig, (top, middle, depth, bottom) = plt.subplots(4, 1, figsize=(9, 8.4), sharex=True,
-                                                     gridspec_kw={"height_ratios": [3, 2, 2, 3]})
+    fig, (top, middle, depth, bottom) = _subplots(4, 1, figsize=(9, 8.4), sharex=True,
+                                                  gridspec_kw={"height_ratios": [3, 2, 2, 3]})
     top.plot(t, [r["submitted_per_s"] for r in rate_rows], label="submitted/s", color="#0969da")
     top.plot(t, [r["completed_per_s"] for r in rate_rows], label="completed/s", color="#1a7f37")
     if any(r["failed_per_s"] for r in rate_rows):
@@ -106,8 +102,7 @@ def percentile_plot(encoded: dict[str, str]) -> str | None:
 
     from hdrh.histogram import HdrHistogram
 
-    plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(9, 3.8))
+    fig, axis = _subplots(figsize=(9, 3.8))
     xs = [0, 50, 75, 90, 95, 98, 99, 99.5, 99.9, 99.95, 99.99]
     position = lambda p: -math.log10(1 - p / 100) if p < 100 else 5  # noqa: E731
     plotted = False
@@ -119,7 +114,6 @@ def percentile_plot(encoded: dict[str, str]) -> str | None:
         axis.plot([position(p) for p in xs], ys, marker=".", label=PHASE_LABELS.get(phase, phase))
         plotted = True
     if not plotted:
-        plt.close(fig)
         return None
     axis.set_xticks([position(p) for p in PERCENTILE_TICKS], [f"p{p:g}" for p in PERCENTILE_TICKS])
     axis.set_yscale("log")
@@ -135,9 +129,8 @@ def scaling_plot(scaling: dict) -> str | None:
     points = scaling.get("points") or []
     if not points:
         return None
-    plt = _pyplot()
     n = [p["n"] for p in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = _subplots(1, 2, figsize=(10, 3.8))
     left.plot(n, [p["completed_per_s"] for p in points], "o", color="#0969da", label="measured (steady window)")
     usl = scaling.get("usl")
     if usl:
@@ -172,8 +165,6 @@ def serialization_plot(rows: list[dict]) -> str | None:
 
     if not rows:
         return None
-    plt = _pyplot()
-
     def median_by(select, key):
         groups: dict[tuple, list[float]] = {}
         for r in rows:
@@ -181,7 +172,7 @@ def serialization_plot(rows: list[dict]) -> str | None:
                 groups.setdefault((key(r), r["payload_bytes"]), []).append(r)
         return groups
 
-    fig, (cost, ratio, compress_cost) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (cost, ratio, compress_cost) = _subplots(1, 3, figsize=(13, 3.8))
     by_serializer = median_by(lambda r: r["compression"] == "none", lambda r: r["serializer"])
     for name in sorted({k[0] for k in by_serializer}):
         sizes = sorted(size for (n, size) in by_serializer if n == name)

@@ -52,14 +52,13 @@ def need_binary(name: str) -> str:
 TEST_QUEUE_PREFIX = "loadlab-test-"  # unique("loadlab-test-"): the queues tests make on shared brokers
 
 
-@pytest.fixture(scope="session", autouse=True)
-def machine_redis_left_clean():
+def pytest_sessionfinish(session, exitstatus):
     """What the run's test queues leave on the machine's Redis, removed at the end. Deleting a queue does not delete
     kombu's binding tables for its exchange (``_kombu.binding.<queue>``, ``_kombu.binding_permanent.<queue>``: the
     default exchange is named after the queue), and they have no TTL: every CI run added a few. The names carry the
-    test prefix and a random suffix, so only test keys match."""
-    yield
-    if not port_open("127.0.0.1", 6379):
+    test prefix and a random suffix, so only test keys match. Under pytest-xdist only the controller does it, once
+    every worker has finished: a worker that finished first would delete the queues of tests still running."""
+    if hasattr(session.config, "workerinput") or not port_open("127.0.0.1", 6379):
         return
     import redis
 
