@@ -33,11 +33,14 @@ def test_queue_depth_builds_during_the_load_and_is_zero_after_the_drain(backlog_
     assert sampled[-1] == 0, rows  # the last sample is taken after the drain
     sampling = report["queue_depth_sampling"]
     assert sampling["queue"] == "celery" and sampling["transport"] == "redis" and sampling["statistic"] == "last"
-    assert sampling["errors"] == 0 and sampling["last"] == 0 and sampling["peak"] == max(sampled)
-    # about one sample a second over the load and the drain, each in a bucket of its own
+    assert sampling["errors"] == 0 and sampling["last"] == 0 and sampling["peak"] >= max(sampled)
+    # about one sample a second over the load and the drain, each in a bucket of its own unless the sampler's
+    # interval drifted (a busy machine) and two fell in one bucket, which shows its last
     span = rows[-1]["t_s"] + rows[-1]["width_s"]
     assert span - 2 <= sampling["samples"] <= span + 2
     assert len(sampled) >= sampling["samples"] - 2
+    if len(sampled) == sampling["samples"]:  # then the peak is one of the values drawn
+        assert sampling["peak"] == max(sampled)
 
 
 def test_queue_depth_and_in_system_are_different_quantities(backlog_run):
