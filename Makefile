@@ -24,9 +24,10 @@ install: $(VENV)/.test-stamp
 run: $(VENV)/.run-stamp
 	$(LOADLAB) run smoke
 
-# Two test files at a time (pytest-xdist, a file's tests stay in one worker with its module fixtures): most of the
-# suite waits on real processes (loads of a fixed duration, drains, deadlines), so two share the 2 cores well.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs two test files at a time (pytest-xdist; a file's tests stay in one worker with its module
+# fixtures): ~40 % faster, but on a loaded 2-core machine the timing-sensitive tests (queue-depth sampling) can fail,
+# so the default runs them one by one.
+TEST_WORKERS ?= 0
 test: $(VENV)/.test-stamp
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
