@@ -165,6 +165,7 @@ def serialization_plot(rows: list[dict]) -> str | None:
 
     if not rows:
         return None
+
     def median_by(select, key):
         groups: dict[tuple, list[float]] = {}
         for r in rows:
