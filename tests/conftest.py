@@ -57,7 +57,9 @@ def pytest_sessionfinish(session, exitstatus):
     kombu's binding tables for its exchange (``_kombu.binding.<queue>``, ``_kombu.binding_permanent.<queue>``: the
     default exchange is named after the queue), and they have no TTL: every CI run added a few. The names carry the
     test prefix and a random suffix, so only test keys match. Under pytest-xdist only the controller does it, once
-    every worker has finished: a worker that finished first would delete the queues of tests still running."""
+    every worker has finished: a worker that finished first would delete the queues of tests still running.
+    Results of the tests' tasks (``celery-task-meta-<uuid>``, which expire only after an hour) are found by the
+    queue their extended result names."""
     if hasattr(session.config, "workerinput") or not port_open("127.0.0.1", 6379):
         return
     import redis
@@ -66,6 +68,11 @@ def pytest_sessionfinish(session, exitstatus):
         client = redis.Redis(host="127.0.0.1", port=6379, db=db)
         try:
             keys = list(client.scan_iter(match=f"*{TEST_QUEUE_PREFIX}*", count=1000))
+            results = list(client.scan_iter(match="celery-task-meta-*", count=1000))
+            marker = f'"queue": "{TEST_QUEUE_PREFIX}'.encode()
+            for start in range(0, len(results), 1000):
+                batch = results[start:start + 1000]
+                keys += [key for key, value in zip(batch, client.mget(batch)) if value and marker in value]
             if keys:
                 client.delete(*keys)
         finally:
