@@ -450,6 +450,69 @@ def test_the_run_span_started_without_start_span_is_the_span_start_span_makes(ma
     assert lean.start_time <= lean.end_time
 
 
+def _traces_file_tracer(path: Path, sampler):
+    """A tracer whose only span processor is the traces.jsonl writer, as ``tracing.setup`` makes it."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    processor = tracing.JsonLinesSpanProcessor(tracing.JsonLinesSpanExporter(path))
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler,
+                              shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    return provider.get_tracer("loadlab.test"), processor
+
+
+@pytest.mark.parametrize("mode", ["all", "sampled"])
+def test_spans_written_straight_to_the_traces_file_are_the_lines_the_sdks_spans_give(tmp_path, mode):
+    # run and store spans skip the SDK's ReadableSpan (and, under a sampled parent, the sampler's calls) on their way
+    # to traces.jsonl: each line must say what the SDK's own span, ended through the processor, says
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    tracer, processor = _traces_file_tracer(tmp_path / "traces.jsonl", tracing.sampler(Settings.build(tracing=mode)))
+    start, finished = tracing.started_spans(tracer), tracing.finished_spans(tracer)
+    assert tracing.traces_file_processor(tracer) is processor and start.decides_sampled_remote
+    parent = trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                               trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    parent_context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    attributes = {"messaging.message.id": "6b3c0c5e", "celery.retries": 2, "celery.task_name": "loadlab.noop"}
+    made = {
+        "direct": start("run/loadlab.noop", None, trace.SpanKind.CONSUMER, dict(attributes),
+                        sampled_remote_parent=parent),
+        "through the sampler": start("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes)),
+        "sdk": tracer.start_span("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes))}
+    assert type(made["direct"]) is type(made["through the sampler"]) is not type(made["sdk"])
+    for name, span in made.items():
+        span.set_attribute("celery.retry.reason", "boom")  # what contrib's handlers and a task's code may do
+        span.add_event("retrying", {"attempt": 2})
+        span.record_exception(ValueError("boom"))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "boom"))
+        span.set_string_attribute("celery.state", "FAILURE") if name != "sdk" else span.set_attribute(
+            "celery.state", "FAILURE")
+        span.end()
+        span.end()  # a second end is ignored, as the SDK's
+    store = trace.SpanContext(parent.trace_id, 0x1111111111111111, is_remote=False, trace_flags=parent.trace_flags)
+    store_attributes = {"celery.action": "store_result", "celery.state": "SUCCESS", "db.system": "redis"}
+    finished("store_result/loadlab.noop", store, parent, store_attributes, trace.SpanKind.CLIENT, 10, 20)
+    processor.on_end(ReadableSpan(name="store_result/loadlab.noop", context=store, parent=parent,
+                                  resource=tracer.resource, attributes=store_attributes, kind=trace.SpanKind.CLIENT,
+                                  start_time=10, end_time=20, instrumentation_scope=tracer._instrumentation_scope))
+    processor.force_flush()
+    lines = (tmp_path / "traces.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    runs = [json.loads(line) for line in lines[:3]]
+    for run in runs:  # ids and times are each span's own
+        span = run["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+        assert span.pop("spanId") and int(span.pop("endTimeUnixNano")) >= int(span.pop("startTimeUnixNano"))
+        for event in span["events"]:
+            event.pop("timeUnixNano")
+    assert runs[0] == runs[1] == runs[2]
+    assert lines[3] == lines[4]
+    (run,) = runs[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert run["traceId"] == f"{parent.trace_id:032x}" and run["parentSpanId"] == f"{parent.span_id:016x}"
+    assert [e["name"] for e in run["events"]] == ["retrying", "exception"] and run["status"]["code"] == 2
+
+
 def test_the_lean_run_span_follows_the_sampler_for_a_root_it_drops():
     from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
