@@ -583,8 +583,8 @@ def finished_spans(tracer):
 
         def finished_to_file(name, span_context, parent, attributes, kind, start_time, end_time) -> None:
             if span_context.trace_flags.sampled:
-                add_line(prefix + encode_span_fields(span_context, parent, name, kind, start_time, end_time,
-                                                     attributes, unset) + LINE_END)
+                add_line(encode_span_line(prefix, span_context, parent, name, kind, start_time, end_time,
+                                          attributes, unset))
 
         return finished_to_file
 
@@ -732,10 +732,9 @@ def span_writing_to_file(span_class, processor: "JsonLinesSpanProcessor", resour
                 self._attributes._immutable = True
             fields = self.__dict__
             if self._context.trace_flags.sampled:
-                add_line(prefix + encode_span_fields(
-                    self._context, self._parent, self._name, self._kind, self._start_time, self._end_time,
-                    self._attributes._dict, self._status, fields.get("_events", ()), fields.get("_links", ()))
-                        + LINE_END)
+                add_line(encode_span_line(
+                    prefix, self._context, self._parent, self._name, self._kind, self._start_time, self._end_time,
+                    self._attributes._dict, self._status, fields.get("_events", ()), fields.get("_links", ())))
 
     return SpanWritingToFile
 
@@ -966,7 +965,10 @@ class JsonLinesSpanExporter:
         return prefix
 
     def line(self, span) -> str:
-        return self.prefix(span.resource, span.instrumentation_scope) + encode_span_json(span) + LINE_END
+        attributes, events, links = _span_collections(span)
+        return encode_span_line(self.prefix(span.resource, span.instrumentation_scope), span.get_span_context(),
+                                span.parent, span.name, span.kind, span.start_time, span.end_time, attributes,
+                                span.status, events, links)
 
     def shutdown(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
@@ -1001,6 +1003,53 @@ def encode_span_json(span) -> str:
     attributes, events, links = _span_collections(span)
     return encode_span_fields(span.get_span_context(), span.parent, span.name, span.kind, span.start_time,
                               span.end_time, attributes, span.status, events, links)
+
+
+_LINE_TEMPLATES: dict = {}  # (prefix, name, kind, parent?, attribute keys) -> a line's text around its fields
+_MAX_LINE_TEMPLATES = 1024  # a process's spans come in a few shapes: publish, run and store of each task name
+_IDS = '{"traceId":"%032x","spanId":"%016x"'
+_IDS_AND_PARENT = _IDS + ',"parentSpanId":"%016x"'
+_TIMES = '%d","endTimeUnixNano":"%d'
+
+
+def encode_span_line(prefix: str, context, parent, name: str, kind, start_time: int, end_time: int, attributes,
+                     status, events=(), links=()) -> str:
+    """One line of traces.jsonl: ``prefix`` (``JsonLinesSpanExporter.prefix``), the span, ``LINE_END``.
+
+    Most spans have the same shape as many before them: the same name, kind and attribute keys, string values, no
+    events, links or status. Their line is the text of their shape, made once, joined with the ids, the times and
+    the quoted values (one ``join``: a %-format scans its whole template, about 1 kB here, character by character).
+    Measured with callgrind: 29 k instructions per run span, 44 k field by field."""
+    if attributes and not events and not links:
+        kinds, codes = _enum_codes()
+        values = tuple(attributes.values())
+        if set(map(type, values)) == _STR_ONLY and codes.get(id(status._status_code)) == 0:  # UNSET: no message
+            shape = (prefix, name, id(kind), parent is None, *attributes)
+            template = _LINE_TEMPLATES.get(shape)
+            if template is None:
+                if len(_LINE_TEMPLATES) >= _MAX_LINE_TEMPLATES:
+                    _LINE_TEMPLATES.clear()
+                template = _LINE_TEMPLATES[shape] = _line_template(prefix, name, kinds.get(id(kind), 0),
+                                                                   tuple(attributes))
+            parts = list(template)
+            parts[1::2] = (_IDS % (context[0], context[1]) if parent is None else
+                           _IDS_AND_PARENT % (context[0], context[1], parent[1]),
+                           _TIMES % (start_time, end_time), *map(_quote, values))
+            return "".join(parts)
+    return prefix + encode_span_fields(context, parent, name, kind, start_time, end_time, attributes, status, events,
+                                       links) + LINE_END
+
+
+def _line_template(prefix: str, name: str, kind_code: int, keys: tuple) -> tuple:
+    """``encode_span_line``'s text of one shape, what ``_SPAN_JSON`` makes of it: the literal parts, with a None
+    between each two where the ids, the times and each attribute's quoted value go."""
+    parts = [prefix, None, ',"name":' + _quote(name) + ',"kind":' + str(kind_code) + ',"startTimeUnixNano":"', None,
+             '","attributes":[']
+    for index, key in enumerate(keys):
+        parts[-1] += ("," if index else "") + '{"key":' + _quote(key) + ',"value":{"stringValue":'
+        parts += [None, "}}"]
+    parts[-1] += '],"status":{"code":0}}' + LINE_END
+    return tuple(parts)
 
 
 def encode_span_fields(context, parent, name: str, kind, start_time: int, end_time: int, attributes, status,

@@ -387,9 +387,22 @@ def test_the_span_encoder_writes_what_the_sdks_otlp_encoder_means(tmp_path):
     child.end()
     bare = tracer.start_span("bare")
     bare.end()
-    for span in (parent, child, bare):
+    # string attributes only, no events, links or status: a line from a template of the span's shape
+    strings = {"messaging.message.id": "6b3c%s\"", "celery.task_name": "loadlab.noop", "100%": "é"}
+    root = tracer.start_span("run/loadlab.noop", kind=trace.SpanKind.CONSUMER, attributes=strings)
+    root.end()
+    nested = tracer.start_span("apply_async/%d", context=trace.set_span_in_context(root), attributes=strings)
+    nested.end()
+    exporter = tracing.JsonLinesSpanExporter(tmp_path / "traces.jsonl")
+    for span in (parent, child, bare, root, nested, root):  # root again: from its template this time
         ours = _without_empty_lists(json.loads(tracing.encode_span_json(span)))
         assert ours == _otlp_reference_json(span), span.name
+        (line,) = exporter.line(span).splitlines()
+        (resource_spans,) = json.loads(line)["resourceSpans"]
+        (scope_spans,) = resource_spans["scopeSpans"]
+        assert scope_spans["scope"]["name"] == "t" and resource_spans["resource"]["attributes"]
+        assert _without_empty_lists(scope_spans["spans"]) == [ours], span.name
+    assert len(tracing._LINE_TEMPLATES) >= 2
 
 
 def _without_empty_lists(value):
