@@ -295,8 +295,7 @@ def celery_instrumentor_class():
             if parent is None and self._samples_roots:  # --tracing all: the sampler's answer for a root is known
                 trace_id = self._ids.generate_trace_id()
                 flags = sampled_flag | random_flag if random_flag and self._ids.is_trace_id_random() else sampled_flag
-                span_context = SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False,
-                                           trace_flags=TraceFlags(flags))
+                span_context = new_span_context()(trace_id, self._ids.generate_span_id(), False, TraceFlags(flags))
                 headers["traceparent"] = f"00-{trace_id:032x}-{span_context.span_id:016x}-{flags:02x}"
                 published = (name, span_context, None, attributes, time_ns())
             else:
@@ -412,18 +411,42 @@ _LEAN = object()  # in contrib's per-task store, in place of a use_span activati
 def _remote_parent(traceparent, request):
     """The sender's span context from a W3C ``traceparent`` (version 00), or None: malformed, or the message also
     carries what only contrib's propagators read (``tracestate``, ``baggage``)."""
-    trace = _trace_api()
     fields = _fields(request)
     if (not isinstance(traceparent, str) or len(traceparent) != 55 or not traceparent.startswith("00-")
-            or fields.get("tracestate") or fields.get("baggage")):
+            or traceparent[35] != "-" or traceparent[52] != "-" or fields.get("tracestate") or fields.get("baggage")):
         return None
-    _version, trace_id, span_id, flags = traceparent.split("-")
     try:
-        span_context = trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                                         trace_flags=trace.TraceFlags(int(flags, 16)))
+        trace_id, span_id, flags = int(traceparent[3:35], 16), int(traceparent[36:52], 16), int(traceparent[53:], 16)
     except ValueError:
         return None
-    return span_context if span_context.is_valid else None
+    if not trace_id or not span_id:  # all zeros: invalid
+        return None
+    trace = _trace_api()
+    return new_span_context()(trace_id, span_id, True, trace.TraceFlags(flags))
+
+
+@functools.cache
+def new_span_context():
+    """``new(trace_id, span_id, is_remote, trace_flags, trace_state=None)``: the API's ``SpanContext`` for ids known
+    valid (non-zero, 128 and 64 bits), built as the tuple it is, without its constructor's keyword handling and
+    checks: three of them per traced task. The API's constructor when this API's tuple differs (checked here once)."""
+    from opentelemetry.trace import SpanContext, TraceFlags
+    from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+    new_tuple = tuple.__new__
+
+    def new(trace_id: int, span_id: int, is_remote: bool, trace_flags, trace_state=None):
+        return new_tuple(SpanContext, (trace_id, span_id, is_remote, trace_flags,
+                                       DEFAULT_TRACE_STATE if trace_state is None else trace_state, True))
+
+    probe = (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceFlags(1))
+    reference = SpanContext(*probe)
+    made = new(*probe)
+    if type(made) is not type(reference) or made != reference or not made.is_valid or made.trace_state != (
+            reference.trace_state):
+        return lambda trace_id, span_id, is_remote, trace_flags, trace_state=None: SpanContext(
+            trace_id, span_id, is_remote, trace_flags, trace_state)
+    return new
 
 
 @functools.cache
@@ -536,6 +559,7 @@ def trace_result_store(app, provider) -> None:
     client = trace.SpanKind.CLIENT
     db_system = result_backend_system(app)
     finished, new_span_id = finished_spans(tracer), tracer.id_generator.generate_span_id
+    new_context = new_span_context()  # the parent's trace id and a generated span id: valid
 
     def traced_store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         parent = current_span()
@@ -556,9 +580,7 @@ def trace_result_store(app, provider) -> None:
             raise
         ended = time_ns()
         parent_context = parent.get_span_context()
-        span_context = trace.SpanContext(parent_context.trace_id, new_span_id(), is_remote=False,
-                                         trace_flags=parent_context.trace_flags,
-                                         trace_state=parent_context.trace_state)
+        span_context = new_context(parent_context[0], new_span_id(), False, parent_context[3], parent_context[4])
         finished(name, span_context, parent_context, attributes, client, started, ended)
         return stored
 
@@ -658,6 +680,7 @@ def started_spans(tracer):
     new_span = object.__new__
     random_flag = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C level 2, newer APIs
     get_current_span, SpanContext, TraceFlags = trace.get_current_span, trace.SpanContext, trace.TraceFlags
+    new_context = new_span_context()
 
     # ParentBased with the default delegate for a sampled remote parent (ALWAYS_ON; both --tracing modes): a span
     # whose parent came sampled in the message is recorded and sampled, with the parent's trace state. The SDK's
@@ -669,8 +692,7 @@ def started_spans(tracer):
         if sampled_remote_parent is not None and decides_sampled_remote:
             parent = sampled_remote_parent
             flags = TraceFlags.SAMPLED | (parent.trace_flags & random_flag)
-            span_context = SpanContext(parent.trace_id, ids.generate_span_id(), is_remote=False,
-                                       trace_flags=TraceFlags(flags), trace_state=parent.trace_state)
+            span_context = new_context(parent[0], ids.generate_span_id(), False, TraceFlags(flags), parent[4])
             given = attributes
         else:
             parent = get_current_span(parent_context).get_span_context()

@@ -526,6 +526,34 @@ def test_spans_written_straight_to_the_traces_file_are_the_lines_the_sdks_spans_
     assert [e["name"] for e in run["events"]] == ["retrying", "exception"] and run["status"]["code"] == 2
 
 
+def test_a_task_s_traceparent_is_read_as_the_w3c_propagator_reads_it_or_left_to_it():
+    from types import SimpleNamespace
+
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    def w3c(traceparent):  # the SDK's own reading, what contrib's extract gives
+        span = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+        context = span.get_span_context()
+        return context if context.is_valid else None
+
+    valid = ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"]
+    for traceparent in valid:
+        ours = tracing._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent))
+        assert ours == w3c(traceparent) and type(ours) is trace.SpanContext and ours.is_valid and ours.is_remote
+        assert ours.trace_state == w3c(traceparent).trace_state
+    for traceparent in ["00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero ids
+                        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                        "00-0af7651916cd43dd8448eb211c80319cxb7ad6b7169203331-01",  # no dash
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333z-01",  # not hex
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1", None, 55]:
+        assert tracing._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent)) is None
+        assert traceparent is None or not isinstance(traceparent, str) or w3c(traceparent) is None
+    # a tracestate or baggage is contrib's to read
+    assert tracing._remote_parent(valid[0], SimpleNamespace(traceparent=valid[0], tracestate="k=v")) is None
+
+
 def test_the_lean_run_span_follows_the_sampler_for_a_root_it_drops():
     from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
