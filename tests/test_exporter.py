@@ -91,8 +91,9 @@ def test_worker_up_drops_to_zero_after_sigkill(run_dir):
                    what="celery_worker_up of the killed worker to read 0")
         elapsed = time.monotonic() - killed_at
         # timeout = 2.5 x the 2 s heartbeat interval, after the last heartbeat (up to 2 s before the kill), plus slack
-        # for a loaded machine
-        assert elapsed < 5.0 + 2.0 + 3.0, f"took {elapsed:.1f}s"
+        # for a loaded machine: with two test files running at a time on 2 cores it once took 12.1 s (the exporter
+        # reads a heartbeat late, and counts the timeout from when it read it, as Celery's State does)
+        assert elapsed < 5.0 + 2.0 + 6.0, f"took {elapsed:.1f}s"
         samples = scrape(url)
         assert value(samples, "celery_worker_up", hostname=w1) == 1
         assert value(samples, "celery_worker_tasks_active", hostname=w2) == 0
