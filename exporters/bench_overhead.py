@@ -14,7 +14,7 @@ instrumented like its configuration, as the load generator would be), and take t
 in the order A B C D E rotated by r (so no configuration has a fixed position), then each runs its paced phase in
 the same order. Only the stack whose turn it is has work; the others sit idle (their periodic polls and heartbeats
 cost well under 1 % of a core), and a turn ends only when its stack has gone quiet. The rounds are split into
-sessions, each with a fresh set of stacks started in a rotated order (see ``sessions``).
+sessions of two rounds, each with a fresh set of stacks started in a rotated order (see ``sessions``).
 
 Why side by side and short turns: this machine's speed drifts by 10-30 % over tens of seconds (a shared VM), more
 than the effects measured. With a fresh stack per run, runs of 20 s and ratios per round compared moments a minute
@@ -24,8 +24,9 @@ The burst: tasks published as fast as one producer can (tasks / first publish ->
 throughput figure; the CPU time of the stack's processes and the producer, per task, is the CPU figure). The paced
 phase: a rate the stack keeps up with; its end-to-end p50 is the latency figure. Times come from the producer's clock
 and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare stack; the figure
-printed is their median with a bootstrap 95 % confidence interval (SciPy), and a target's verdict is ``ok`` or
-``MISSED`` only when the interval lies on one side of it (``not resolved`` otherwise: more rounds narrow it).
+printed is their median with a bootstrap 95 % confidence interval that resamples whole sessions (their rounds share
+one set of stacks), and a target's verdict is ``ok`` or ``MISSED`` only when the interval lies on one side of it
+(``not resolved`` otherwise: more rounds, so more sessions, narrow it).
 bench.json keeps every slice.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ CONFIGS = (
 )
 CONTROL = "bare again"
 CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 4000
 # issue #3: the default instrumentation (metrics on, tracing off) >= 0.97 x bare; every task traced >= 0.90 x
 TARGETS = {"metrics": 0.97, "all traced": 0.90}
 NOOP = "loadlab.noop"
@@ -278,12 +280,20 @@ def start_all(base, out: Path, warmup: int, stacks, order) -> dict[str, Configur
     return up
 
 
-def sessions(rounds: int, configs: tuple) -> list[tuple[list, range]]:
-    """The bench in sessions, each with its own set of stacks started in another order (``configs`` rotated by the
-    session) and a share of the rounds: measured, the stack started last ran 4-8 % faster than one started first
-    (two bare stacks, in both start orders), so a fixed start order would favour one configuration. Over
-    ``len(configs)`` sessions each configuration is started in every position once."""
-    count = max(1, min(rounds, len(configs)))
+ROUNDS_PER_SESSION = 2
+
+
+def sessions(rounds: int, configs: tuple, per_session: int = ROUNDS_PER_SESSION) -> list[tuple[list, range]]:
+    """The bench in sessions of ``per_session`` rounds, each with its own set of stacks started in another order
+    (``configs`` rotated by the session): measured, the stack started last ran 4-8 % faster than one started first
+    (two bare stacks, in both start orders), so a fixed start order would favour one configuration; over
+    ``len(configs)`` sessions each configuration is started in every position once.
+
+    Short sessions, because a set of stacks keeps its speed: the median ratio of one session's stacks strayed from
+    the next session's by up to ±4 % (five runs of 20 rounds in sessions of 4), more than the rounds within a
+    session scatter around their own median. Many sets of stacks average that out; ``median_interval`` resamples
+    whole sessions so the interval shows what is left of it."""
+    count = max(1, -(-rounds // max(1, per_session)))
     bounds = [round(rounds * k / count) for k in range(count + 1)]
     return [(rotated(configs, k), range(bounds[k], bounds[k + 1])) for k in range(count)]
 
@@ -360,7 +370,7 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         for figure, key in (("throughput", "throughput_per_s"), ("p50", "p50_ms"), ("cpu", "cpu_ms_per_task")):
             ratios = [r[key] / b[key] for r, b in zip(slices, bare)]
             q1, q3 = quartiles(ratios)
-            low, high = median_interval(ratios)
+            low, high = median_interval(ratios, [r.get("session") for r in slices])
             row |= {key: statistics.median(r[key] for r in slices), f"{figure}_ratio": statistics.median(ratios),
                     f"{figure}_ratio_ci_low": low, f"{figure}_ratio_ci_high": high,
                     f"{figure}_ratio_q1": q1, f"{figure}_ratio_q3": q3, f"{figure}_ratio_min": min(ratios),
@@ -372,16 +382,30 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def median_interval(ratios: list[float]) -> tuple[float, float]:
+def median_interval(ratios: list[float], sessions: list | None = None) -> tuple[float, float]:
     """Bootstrap confidence interval of the median (percentile method, fixed seed: the same slices give the same
-    interval). With one value or identical values there is nothing to resample: the interval is that value."""
+    interval). With ``sessions`` (each ratio's session) and more than one session, whole sessions are resampled:
+    the rounds of one session share their stacks, and a set of stacks has a speed of its own, so they are not
+    independent draws. With one value or identical values there is nothing to resample: the interval is that
+    value."""
     if len(ratios) < 2 or len(set(ratios)) == 1:
         return ratios[0], ratios[0]
     import numpy
+
+    groups: dict = {}
+    for ratio, session in zip(ratios, sessions or [None] * len(ratios)):
+        groups.setdefault(session, []).append(ratio)
+    if len(groups) > 1 and sessions is not None:
+        clusters = list(groups.values())
+        draws = numpy.random.default_rng(0).integers(0, len(clusters), size=(BOOTSTRAP_RESAMPLES, len(clusters)))
+        medians = [numpy.median([ratio for index in draw for ratio in clusters[index]]) for draw in draws]
+        tail = (1 - CONFIDENCE) / 2 * 100
+        low, high = numpy.percentile(medians, [tail, 100 - tail])
+        return float(low), float(high)
     from scipy.stats import bootstrap
 
     result = bootstrap((numpy.asarray(ratios),), numpy.median, confidence_level=CONFIDENCE, method="percentile",
-                       n_resamples=4000, random_state=0)
+                       n_resamples=BOOTSTRAP_RESAMPLES, random_state=0)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 

@@ -593,11 +593,13 @@ def test_bench_overhead_starts_every_configuration_first_and_last_over_its_sessi
     from exporters.bench_overhead import CONFIGS, sessions
 
     planned = sessions(20, CONFIGS)
-    assert [len(rounds) for _, rounds in planned] == [4] * 5
+    assert [len(rounds) for _, rounds in planned] == [2] * 10  # fresh stacks every two rounds
     assert [i for _, rounds in planned for i in rounds] == list(range(20))  # every round once, in order
     for position in range(len(CONFIGS)):
+        assert [order[position][0] for order, _ in planned].count(CONFIGS[0][0]) == 2
         assert {order[position][0] for order, _ in planned} == {name for name, *_ in CONFIGS}
-    assert [len(rounds) for _, rounds in sessions(7, CONFIGS)] == [1, 2, 1, 2, 1]
+    assert [len(rounds) for _, rounds in sessions(7, CONFIGS)] == [2, 2, 1, 2]
+    assert [len(rounds) for _, rounds in sessions(20, CONFIGS, per_session=4)] == [4] * 5
     assert len(sessions(1, CONFIGS)) == 1
 
 
@@ -613,6 +615,17 @@ def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_o
     assert low < 0.97 < high and verdict(low, high, 0.97) == "not resolved"
     assert median_interval(noisy) == (low, high)  # a fixed seed: the same slices, the same interval
     assert median_interval([0.9]) == (0.9, 0.9)
+    # rounds that share their stacks are resampled together: sessions that disagree widen the interval the rounds
+    # alone would give, as much as their disagreement
+    sessions = [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    steady_by_session = [x for level in (0.93, 0.99, 0.95, 1.01) for x in (level - 0.002, level - 0.001, level,
+                                                                         level + 0.001, level + 0.002)]
+    rounds_low, rounds_high = median_interval(steady_by_session)
+    low, high = median_interval(steady_by_session, sessions)
+    assert low <= rounds_low and high >= rounds_high and (high - low) > 1.5 * (rounds_high - rounds_low)
+    assert low < 0.97 < high and 0.93 <= low and high <= 1.01
+    assert median_interval(steady_by_session, sessions) == (low, high)
+    assert median_interval(around, [0] * len(around)) == median_interval(around)  # one session: the rounds
 
 
 def test_bench_overhead_waits_for_results_stored_out_of_order_and_gives_up_at_its_deadline():
