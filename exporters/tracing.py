@@ -591,7 +591,8 @@ def trace_result_store(app, provider) -> None:
 
 def finished_spans(tracer):
     """``finished(name, context, parent, attributes, kind, start_ns, end_ns)``: a span that loadlab timed itself,
-    handed to the SDK tracer's span processors as the SDK's ``ReadableSpan`` (resource and scope of the tracer)."""
+    handed to the SDK tracer's span processors as the SDK's ``ReadableSpan`` (resource and scope of the tracer), or
+    straight to traces.jsonl as one line when that is the tracer's only processor (``traces_file_processor``)."""
     from opentelemetry.sdk.trace import ReadableSpan
 
     on_end, resource = tracer.span_processor.on_end, tracer.resource
