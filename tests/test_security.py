@@ -95,3 +95,18 @@ def embedded_ping(port: int, password: str) -> bool:
         return bool(redis.Redis(port=port, password=password, socket_connect_timeout=0.5).ping())
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_ports_for_the_stack_s_listeners_are_free_and_below_the_kernel_s_ephemeral_range():
+    # outgoing connections take ephemeral ports: one could take a port picked for a child before the child binds it
+    import socket
+
+    low = embedded._ephemeral_ports_start()
+    ports = [embedded.free_port() for _ in range(20)]
+    assert all(embedded.LISTEN_PORTS_FLOOR <= port < low for port in ports) and len(set(ports)) > 15
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[0]))
+        taken.listen()
+        assert not embedded._can_listen(ports[0])
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", embedded.free_port()))  # a port it gives can be listened on
