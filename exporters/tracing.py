@@ -296,7 +296,6 @@ def celery_instrumentor_class():
                 trace_id = self._ids.generate_trace_id()
                 flags = sampled_flag | random_flag if random_flag and self._ids.is_trace_id_random() else sampled_flag
                 span_context = new_span_context()(trace_id, self._ids.generate_span_id(), False, TraceFlags(flags))
-                headers["traceparent"] = f"00-{trace_id:032x}-{span_context.span_id:016x}-{flags:02x}"
                 published = (name, span_context, None, attributes, time_ns())
             else:
                 trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
@@ -307,7 +306,6 @@ def celery_instrumentor_class():
                     flags |= random_flag
                 span_context = SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False,
                                            trace_flags=TraceFlags(flags), trace_state=sampling.trace_state)
-                headers["traceparent"] = f"00-{trace_id:032x}-{span_context.span_id:016x}-{flags:02x}"
                 if sampling.trace_state:
                     headers["tracestate"] = sampling.trace_state.to_header()
                 published = None
@@ -315,6 +313,7 @@ def celery_instrumentor_class():
                     if sampling.attributes:
                         attributes.update(sampling.attributes)
                     published = (name, span_context, parent, attributes, time_ns())
+            headers["traceparent"] = f"00-{trace_id:032x}-{span_context.span_id:016x}-{flags:02x}"
             # current while the message is sent, as contrib's use_span makes it: spans started inside are children
             token = context.attach(set_span_in_context(trace.NonRecordingSpan(span_context)))
             utils.attach_context(task, task_id, published, _LEAN, token, is_publish=True)
@@ -394,8 +393,8 @@ def celery_instrumentor_class():
                 span, _, token = held
                 state = kwargs.get("state")
                 if state and isinstance(state, str):
-                    set_string = getattr(span, "set_string_attribute", span.set_attribute)  # ``started_spans``'
-                    set_string("celery.state", state)
+                    set_string = getattr(span, "set_string_attribute", None)  # a span of ``started_spans``
+                    (set_string or span.set_attribute)("celery.state", state)
                 span.end()
                 utils.detach_context(task, task_id)
                 context.detach(token)
@@ -1123,24 +1122,12 @@ _FRAGMENTS: dict = {}       # (key, str value) -> encoded attribute: most values
 _MAX_FRAGMENTS = 4096       # unique values (message ids) pass through; the cache is emptied when full
 
 
-_TEMPLATES: dict = {}       # keys of attributes whose values are all str -> their JSON with a %s per value
-_MAX_TEMPLATES = 256        # a span's keys are mostly the same few sets (the run, store and publish spans)
 _STR_ONLY = {str}
 
 
 def _attributes_json(attributes) -> str:
     if not attributes:
         return "[]"
-    values = tuple(attributes.values())
-    if set(map(type, values)) == _STR_ONLY:  # the common case: one format of the quoted values, all in C
-        keys = tuple(attributes)
-        template = _TEMPLATES.get(keys)
-        if template is None:
-            if len(_TEMPLATES) >= _MAX_TEMPLATES:
-                _TEMPLATES.clear()
-            template = _TEMPLATES[keys] = "[" + ",".join(
-                '{"key":' + _quote(key).replace("%", "%%") + ',"value":{"stringValue":%s}}' for key in keys) + "]"
-        return template % tuple(map(_quote, values))
     fragments = _FRAGMENTS
     parts = []
     for item in attributes.items():
