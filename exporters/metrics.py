@@ -4,9 +4,9 @@ Labels are bounded: ``task`` (registered task names), ``queue``, ``state``, ``se
 no hostnames (a worker's identity is the scrape target). The exporter service imports its names from here too.
 
 Instruments (``counter``/``histogram``/``gauge``) write into one ``MetricStore`` per process (see
-``exporters.metric_store``): a dict update under a lock, written through to a shared-memory file in worker processes.
-That is several times cheaper per observation than prometheus_client's own classes, and the hot path runs a few
-times for every task.
+``exporters.metric_store``): an in-place add under a lock, into a shared-memory file in worker processes. That is
+several times cheaper per observation than prometheus_client's own classes, and the hot path runs a few times for
+every task.
 """
 from __future__ import annotations
 
@@ -127,14 +127,14 @@ class BoundGauge(_Bound):
 
 
 class BoundHistogram(_Bound):
-    __slots__ = ("_observe", "_bounds", "_bucket_keys", "_sum_key")
+    __slots__ = ("_observe", "bounds", "bucket_keys", "_sum_key")
 
     def __init__(self, store: MetricStore, spec: MetricSpec, labelvalues: tuple[str, ...]):
         self._observe = store.observe
-        self._bounds = spec.buckets
+        self.bounds = spec.buckets
         names = (*spec.labels, "le")
         # one key per bucket (+Inf last), values non-cumulative as prometheus_client's multiprocess files keep them
-        self._bucket_keys = tuple(
+        self.bucket_keys = tuple(
             sample_key(spec.family, spec.name + "_bucket", names, (*labelvalues, floatToGoString(bound)), spec.help)
             for bound in (*spec.buckets, float("inf")))
         self._sum_key = sample_key(spec.family, spec.name + "_sum", spec.labels, labelvalues, spec.help)
@@ -144,7 +144,7 @@ class BoundHistogram(_Bound):
 
     def bucket_key(self, value: float) -> str:
         # le semantics: the first bucket whose bound is >= value
-        return self._bucket_keys[bisect.bisect_left(self._bounds, value)]
+        return self.bucket_keys[bisect.bisect_left(self.bounds, value)]
 
     @property
     def sum_key(self) -> str:
@@ -175,7 +175,7 @@ class Instrument:
         # and a histogram always has all its buckets (histogram_quantile needs them)
         if spec.kind == HISTOGRAM:
             child = BoundHistogram(self.store, spec, values)
-            for key in (*child._bucket_keys, child._sum_key):
+            for key in (*child.bucket_keys, child._sum_key):
                 self.store.declare(HISTOGRAM, key)
             return child
         key = sample_key(spec.family, spec.name, spec.labels, values, spec.help)

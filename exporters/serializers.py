@@ -9,6 +9,7 @@ Forked pool children inherit the wrapped registry; their observations land in th
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from time import perf_counter
 
 from kombu.serialization import registry
@@ -32,15 +33,17 @@ def _size(payload) -> int:
 def _timed_encoder(encoder, name: str):
     seconds = INSTRUMENTS.serialization.labels(ENCODE, name)
     size = INSTRUMENTS.message_bytes.labels(ENCODE, name)
-    seconds_bucket, seconds_sum = seconds.bucket_key, seconds.sum_key
-    size_bucket, size_sum = size.bucket_key, size.sum_key
+    # the buckets are looked up here rather than through bucket_key(): two calls less on a per-message path
+    seconds_bounds, seconds_buckets, seconds_sum = seconds.bounds, seconds.bucket_keys, seconds.sum_key
+    size_bounds, size_buckets, size_sum = size.bounds, size.bucket_keys, size.sum_key
     observe_pair = STORE.observe_pair
 
     def encode(data):
         started = perf_counter()
         payload = encoder(data)
         elapsed, nbytes = perf_counter() - started, _size(payload)
-        observe_pair(seconds_bucket(elapsed), seconds_sum, elapsed, size_bucket(nbytes), size_sum, nbytes)
+        observe_pair(seconds_buckets[bisect_left(seconds_bounds, elapsed)], seconds_sum, elapsed,
+                     size_buckets[bisect_left(size_bounds, nbytes)], size_sum, nbytes)
         return payload
 
     encode.__wrapped__ = encoder
@@ -51,15 +54,16 @@ def _timed_encoder(encoder, name: str):
 def _timed_decoder(decoder, name: str):
     seconds = INSTRUMENTS.serialization.labels(DECODE, name)
     size = INSTRUMENTS.message_bytes.labels(DECODE, name)
-    seconds_bucket, seconds_sum = seconds.bucket_key, seconds.sum_key
-    size_bucket, size_sum = size.bucket_key, size.sum_key
+    seconds_bounds, seconds_buckets, seconds_sum = seconds.bounds, seconds.bucket_keys, seconds.sum_key
+    size_bounds, size_buckets, size_sum = size.bounds, size.bucket_keys, size.sum_key
     observe_pair = STORE.observe_pair
 
     def decode(data):
         started = perf_counter()
         value = decoder(data)
         elapsed, nbytes = perf_counter() - started, _size(data)
-        observe_pair(seconds_bucket(elapsed), seconds_sum, elapsed, size_bucket(nbytes), size_sum, nbytes)
+        observe_pair(seconds_buckets[bisect_left(seconds_bounds, elapsed)], seconds_sum, elapsed,
+                     size_buckets[bisect_left(size_bounds, nbytes)], size_sum, nbytes)
         return value
 
     decode.__wrapped__ = decoder

@@ -1,8 +1,8 @@
 """Task metrics from Celery signals, in producers (sent) and in every worker process (received ... revoked, runtime,
 queue wait), correct under the prefork pool and cheap with ``max_tasks_per_child`` recycling.
 
-Design: every process counts into its own ``MetricStore`` (a dict under a lock, ~0.6 us per update). In a worker,
-the store writes through to a shared-memory file named after the **pool slot**, not the pid: ``counter_main.db`` for
+Design: every process counts into its own ``MetricStore`` (one in-place add per sample, under a lock). In a worker,
+the store keeps its values in a shared-memory file named after the **pool slot**, not the pid: ``counter_main.db`` for
 the MainProcess, ``counter_slot<i>.db`` for pool child *i* (billiard's process index, reused when a child is
 recycled). The MainProcess serves ``/metrics`` (its only HTTP server) with prometheus_client's stock
 ``MultiProcessCollector`` over that directory.
@@ -33,6 +33,7 @@ from celery import signals
 
 from exporters.metrics import INSTRUMENTS, STORE
 from reports.ledger import HEADER_ATTEMPT_SENT_AT
+from stack import task_signals
 
 log = logging.getLogger("loadlab.metrics")
 
@@ -51,14 +52,14 @@ def install(settings) -> None:
         return
     _state["installed"] = True
     _state["settings"] = settings
-    if not settings.ledger_url:  # with a ledger its hook stamps the same header: one receiver less per publish
-        signals.before_task_publish.connect(_before_publish, weak=False, dispatch_uid="loadlab-metrics-before-publish")
-    signals.after_task_publish.connect(_after_publish, weak=False, dispatch_uid="loadlab-metrics-after-publish")
-    signals.task_received.connect(_received, weak=False, dispatch_uid="loadlab-metrics-received")
-    signals.task_prerun.connect(_prerun, weak=False, dispatch_uid="loadlab-metrics-prerun")
-    signals.task_postrun.connect(_postrun, weak=False, dispatch_uid="loadlab-metrics-postrun")
-    signals.task_rejected.connect(_rejected, weak=False, dispatch_uid="loadlab-metrics-rejected")
-    signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="loadlab-metrics-revoked")
+    if not settings.ledger_url:  # with a ledger its hook stamps the same header: one hook less per publish
+        task_signals.connect(signals.before_task_publish, _before_publish)
+    task_signals.connect(signals.after_task_publish, _after_publish)
+    task_signals.connect(signals.task_received, _received)
+    task_signals.connect(signals.task_prerun, _prerun)
+    task_signals.connect(signals.task_postrun, _postrun)
+    task_signals.connect(signals.task_rejected, _rejected)
+    task_signals.connect(signals.task_revoked, _revoked)
     signals.worker_init.connect(_worker_init, weak=False, dispatch_uid="loadlab-metrics-worker-init")
     signals.worker_process_init.connect(_worker_process_init, weak=False, dispatch_uid="loadlab-metrics-process-init")
     signals.worker_shutdown.connect(_worker_shutdown, weak=False, dispatch_uid="loadlab-metrics-worker-shutdown")
@@ -85,29 +86,34 @@ def _queue_of(delivery_info) -> str:
 
 
 # --- producer side ---------------------------------------------------------------------------------------------------
-def _before_publish(headers=None, **_):
+def _before_publish(sender, arguments):
+    headers = arguments.get("headers")
     if headers is not None:
         headers[HEADER_ATTEMPT_SENT_AT] = time.time()
 
 
-def _after_publish(sender=None, headers=None, routing_key=None, **_):
+def _after_publish(sender, arguments):
+    headers = arguments.get("headers")
     if headers and headers.get("retries"):
         return  # a retry is counted once, as retried, by the worker that retried it
-    INSTRUMENTS.sent.labels(sender or UNKNOWN, routing_key or UNKNOWN).inc()
+    INSTRUMENTS.sent.labels(sender or UNKNOWN, arguments.get("routing_key") or UNKNOWN).inc()
 
 
 # --- worker MainProcess ----------------------------------------------------------------------------------------------
-def _received(request=None, **_):
+def _received(sender, arguments):
+    request = arguments.get("request")
     if request is not None:
         _instruments_for(request.name or UNKNOWN, _queue_of(request.delivery_info))[RECEIVED].inc()
 
 
-def _rejected(message=None, **_):
+def _rejected(sender, arguments):
+    message = arguments.get("message")
     headers = getattr(message, "headers", None) or {}
     _instruments_for(headers.get("task") or UNKNOWN, _queue_of(getattr(message, "delivery_info", None)))[REJECTED].inc()
 
 
-def _revoked(request=None, **_):
+def _revoked(sender, arguments):
+    request = arguments.get("request")
     if request is None:
         return
     _instruments_for(getattr(request, "name", None) or UNKNOWN,
@@ -122,8 +128,9 @@ def _header(request, name):
     return value
 
 
-def _prerun(task_id=None, task=None, **_):
+def _prerun(sender, arguments):
     now = time.time()
+    task = arguments["task"]
     request = task.request
     bound = _instruments_for(task.name, _queue_of(request.delivery_info))
     sent_at = _header(request, HEADER_ATTEMPT_SENT_AT)
@@ -136,14 +143,15 @@ def _prerun(task_id=None, task=None, **_):
         wait = bound[QUEUE_WAIT]
         STORE.count_and_observe(bound[STARTED].key, wait.bucket_key(queue_wait), wait.sum_key, queue_wait)
     # postrun finds the instruments here instead of looking the request up again
-    _started[task_id] = (time.perf_counter(), bound)
+    _started[arguments["task_id"]] = (time.perf_counter(), bound)
 
 
-def _postrun(task_id=None, task=None, state=None, **_):
-    started, bound = _started.pop(task_id, (None, None))
+def _postrun(sender, arguments):
+    started, bound = _started.pop(arguments["task_id"], (None, None))
     if bound is None:
+        task = arguments["task"]
         bound = _instruments_for(task.name, _queue_of(task.request.delivery_info))
-    index = _STATE_COUNTER.get(state)
+    index = _STATE_COUNTER.get(arguments.get("state"))
     if started is None:
         if index is not None:
             bound[index].inc()

@@ -13,6 +13,7 @@ import time
 from celery import signals
 
 from reports import ledger
+from stack import task_signals
 
 _sink: ledger.LedgerSink | None = None
 _local = threading.local()
@@ -31,16 +32,17 @@ def install(ledger_url: str | None, run_id: str) -> None:
     if not ledger_url:
         return
     _sink = ledger.LedgerSink(ledger_url, run_id)
-    signals.before_task_publish.connect(_before_publish, weak=False, dispatch_uid="loadlab-ledger-before")
-    signals.after_task_publish.connect(_after_publish, weak=False, dispatch_uid="loadlab-ledger-after")
-    signals.task_prerun.connect(_prerun, weak=False, dispatch_uid="loadlab-ledger-prerun")
-    signals.task_retry.connect(_retry, weak=False, dispatch_uid="loadlab-ledger-retry")
-    signals.task_failure.connect(_failure, weak=False, dispatch_uid="loadlab-ledger-failure")
-    signals.task_postrun.connect(_postrun, weak=False, dispatch_uid="loadlab-ledger-postrun")
-    signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="loadlab-ledger-revoked")
+    task_signals.connect(signals.before_task_publish, _before_publish)
+    task_signals.connect(signals.after_task_publish, _after_publish)
+    task_signals.connect(signals.task_prerun, _prerun)
+    task_signals.connect(signals.task_retry, _retry)
+    task_signals.connect(signals.task_failure, _failure)
+    task_signals.connect(signals.task_postrun, _postrun)
+    task_signals.connect(signals.task_revoked, _revoked)
 
 
-def _before_publish(sender=None, headers=None, **_):
+def _before_publish(sender, arguments):
+    headers = arguments.get("headers")
     if headers is None:
         return
     now = time.time()
@@ -48,7 +50,8 @@ def _before_publish(sender=None, headers=None, **_):
     headers[ledger.HEADER_ATTEMPT_SENT_AT] = now
 
 
-def _after_publish(sender=None, headers=None, **_):
+def _after_publish(sender, arguments):
+    headers = arguments.get("headers")
     if not headers or headers.get("retries"):
         return  # retries are reported by the worker side, not as new submissions
     attempt_sent_at = headers.get(ledger.HEADER_ATTEMPT_SENT_AT)
@@ -58,18 +61,20 @@ def _after_publish(sender=None, headers=None, **_):
                 time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT)])
 
 
-def _prerun(task_id=None, **_):
+def _prerun(sender, arguments):
     _local.body_done_at = None
-    _inflight[task_id] = [time.time(), None]
+    _inflight[arguments.get("task_id")] = [time.time(), None]
 
 
-def _retry(request=None, reason=None, **_):
+def _retry(sender, arguments):
+    request, reason = arguments.get("request"), arguments.get("reason")
     entry = _inflight.get(getattr(request, "id", None))
     if entry is not None:
         entry[1] = type(getattr(reason, "exc", None) or reason).__name__
 
 
-def _failure(sender=None, task_id=None, exception=None, **_):
+def _failure(sender, arguments):
+    task_id, exception = arguments.get("task_id"), arguments.get("exception")
     entry = _inflight.get(task_id)
     if entry is not None:
         entry[1] = type(exception).__name__
@@ -91,7 +96,8 @@ def _header(request, name):
     return value
 
 
-def _postrun(task_id=None, task=None, state=None, **_):
+def _postrun(sender, arguments):
+    task_id, task, state = arguments.get("task_id"), arguments.get("task"), arguments.get("state")
     finished_at = time.time()
     started_at, exc_type = _inflight.pop(task_id, (None, None))
     request = task.request
@@ -110,7 +116,8 @@ def _postrun(task_id=None, task=None, state=None, **_):
                 request.hostname or _hostname])
 
 
-def _revoked(request=None, **_):
+def _revoked(sender, arguments):
+    request = arguments.get("request")
     if request is None:
         return
     now = time.time()

@@ -11,8 +11,12 @@ from kombu.serialization import dumps, loads, registry
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from exporters import metrics, serializers
+from celery.utils.dispatch import Signal
+from prometheus_client.mmap_dict import MmapedDict
+
+from exporters import metric_store, metrics, serializers
 from exporters.metric_store import MetricStore
+from stack import task_signals
 from tests.conftest import run_cli
 
 # DESIGN.md's task metrics plus the load generator's two: every one must be in a run's scrapes
@@ -57,6 +61,48 @@ def test_a_recycled_slot_continues_its_predecessors_totals_in_the_same_files(tmp
     assert total(samples, "celery_task_runtime_seconds_bucket", le="0.0025") == 0  # every bucket is there
 
 
+def test_a_slot_file_that_outgrows_its_first_mapping_keeps_every_value_where_prometheus_client_reads_it(tmp_path):
+    store = MetricStore()
+    store.attach(str(tmp_path), "slot0")
+    early = metric_store.sample_key("loadlab_test", "loadlab_test_total", ("n",), ("early",), "h")
+    store.add(metric_store.COUNTER, early, 1.0)
+    # ~180 bytes per entry: 2000 of them grow the file from 64 KiB through two remappings
+    keys = [metric_store.sample_key("loadlab_test", "loadlab_test_total", ("n",), (str(i),), "h") for i in range(2000)]
+    for i, key in enumerate(keys):
+        store.add(metric_store.COUNTER, key, float(i))
+    store.add(metric_store.COUNTER, early, 1.0)  # a cell from the first mapping, written after the file grew
+    path = tmp_path / "counter_slot0.db"
+    assert path.stat().st_size >= 4 * 65536
+    on_disk = {key: value for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))}
+    assert on_disk[early] == 2.0
+    assert [on_disk[key] for key in keys] == [float(i) for i in range(2000)]
+    store.detach()
+    store.add(metric_store.COUNTER, early, 1.0)  # after detach: counted in memory, the file left as it was
+    assert store.snapshot()[early] == 3.0
+    reopened = MetricStore()
+    reopened.attach(str(tmp_path), "slot0")  # a recycled child's successor continues from the file
+    reopened.add(metric_store.COUNTER, keys[-1], 1.0)
+    assert reopened.snapshot()[keys[-1]] == 2000.0 and reopened.snapshot()[early] == 2.0
+    reopened.detach()
+
+
+def test_loadlabs_task_hooks_share_one_celery_receiver_and_a_hook_that_raises_does_not_stop_the_others(caplog):
+    signal = Signal(name="loadlab_test_signal")
+    seen = []
+
+    def broken(sender, arguments):
+        raise RuntimeError("a bug in one hook")
+
+    task_signals.connect(signal, broken)
+    task_signals.connect(signal, lambda sender, arguments: seen.append((sender, arguments)))
+    task_signals.connect(signal, broken)  # connecting twice is one hook
+    assert len(signal.receivers) == 1
+    signal.send(sender="loadlab.noop", task_id="t1", state="SUCCESS")
+    assert seen == [("loadlab.noop", {"signal": signal, "task_id": "t1", "state": "SUCCESS"})]
+    assert [r.getMessage() for r in caplog.records].count(
+        f"loadlab's loadlab_test_signal hook {broken.__qualname__} raised") == 1
+
+
 def test_in_memory_exposition_matches_prometheus_histogram_semantics():
     store = MetricStore()
     inst = metrics.Instruments(store)
@@ -83,7 +129,7 @@ def test_timed_serializers_keep_names_and_content_types_and_record_each_call():
     try:
         assert {n: (c.content_type, c.content_encoding) for n, c in registry._encoders.items()} == before
         snapshot = metrics.STORE.snapshot
-        count_key = metrics.INSTRUMENTS.serialization.labels("decode", "msgpack")._bucket_keys
+        count_key = metrics.INSTRUMENTS.serialization.labels("decode", "msgpack").bucket_keys
         decoded_before = sum(snapshot().get(k, 0) for k in count_key)
         for body in ({"a": 1}, [1, 2, 3], {"text": "é" * 100}):
             content_type, encoding, payload = dumps(body, serializer="msgpack")
