@@ -16,6 +16,9 @@ Where the contrib code has gaps, or costs more than the stack it watches, this m
 - contrib Celery's ``set_attributes_from_context`` sets up to 19 attributes per span one by one, some of them the
   ``str()`` of a dict (``delivery_info``). It is replaced by one ``set_attributes`` call with the attributes people
   query: message id, destination, hostname, state, retries, eta, countdown and expires;
+- contrib connects its publish and run handlers as Celery receivers of their own, and Celery unpacks a signal's
+  keywords again for each receiver (~10 k instructions): here they are hooks of loadlab's one receiver per signal
+  (``stack.task_signals``), with the ledger's and the metrics', and share one lookup of the task's request;
 - the batch queue is sized so a burst does not drop spans before the next export.
 
 ``--tracing all`` samples every trace, ``sampled`` keeps ``trace_sample_ratio`` of new traces (parent-based: a task
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 from celery import signals
+
+from stack import task_signals
 
 log = logging.getLogger("loadlab.tracing")
 
@@ -233,27 +238,43 @@ def celery_instrumentor_class():
             if not hasattr(self._ids, "preset"):
                 self._fast_path = False
             super()._instrument(**kwargs)
+            # the per-task handlers run as hooks of loadlab's one receiver per signal (stack.task_signals), not as
+            # receivers of their own: Celery unpacks a signal's keywords again for every receiver
+            for signal, receiver, hook in self._per_task_hooks():
+                signal.disconnect(receiver)
+                task_signals.connect(signal, hook)
             self._start_run = None  # run spans built without start_span's generic path (an SDK tracer only)
             if isinstance(self._tracer, SdkTracer) and self._sampler is not None and self._ids is not None:
                 self._finished = finished_spans(self._tracer)  # contrib's tracer: its processors and scope
                 self._start_run = started_spans(self._tracer)
 
-        # -- publish ----------------------------------------------------------------------------------------------
-        def _trace_before_publish(self, *args, **kwargs):
-            headers = kwargs.get("headers")
-            if self._fast_path and headers is not None and self._publish_unsampled(headers, kwargs.get("sender")):
-                return
-            if self._lean and headers and self._publish_traced(headers, kwargs):
-                return
-            super()._trace_before_publish(*args, **kwargs)
+        def _per_task_hooks(self):
+            return ((signals.before_task_publish, self._trace_before_publish, self._before_publish_hook),
+                    (signals.after_task_publish, self._trace_after_publish, self._after_publish_hook),
+                    (signals.task_prerun, self._trace_prerun, self._prerun_hook),
+                    (signals.task_postrun, self._trace_postrun, self._postrun_hook))
 
-        def _trace_after_publish(self, *args, **kwargs):
-            headers = kwargs.get("headers")
+        def _uninstrument(self, **kwargs):
+            for signal, _receiver, hook in self._per_task_hooks():
+                task_signals.disconnect(signal, hook)
+            super()._uninstrument(**kwargs)
+
+        # -- publish ----------------------------------------------------------------------------------------------
+        def _before_publish_hook(self, arguments):
+            headers = arguments.get("headers")
+            if self._fast_path and headers is not None and self._publish_unsampled(headers, arguments.get("sender")):
+                return
+            if self._lean and headers and self._publish_traced(headers, arguments):
+                return
+            self._trace_before_publish(**arguments)
+
+        def _after_publish_hook(self, arguments):
+            headers = arguments.get("headers")
             if self._fast_path and headers is not None and headers.get("id") in self._unsampled_publishes:
                 self._unsampled_publishes.discard(headers["id"])
                 return
             if self._lean and headers:
-                task = utils.retrieve_task_from_sender(kwargs)
+                task = utils.retrieve_task_from_sender(arguments)
                 task_id = headers.get("id")
                 held = utils.retrieve_context(task, task_id, is_publish=True)
                 if held is not None and held[1] is _LEAN:
@@ -264,7 +285,7 @@ def celery_instrumentor_class():
                         name, span_context, parent, attributes, started = published
                         self._finished(name, span_context, parent, attributes, producer, started, time_ns())
                     return
-            super()._trace_after_publish(*args, **kwargs)
+            self._trace_after_publish(**arguments)
 
         def _publish_traced(self, headers: dict, kwargs) -> bool:
             """contrib's publish span, made as the SDK would (its sampler, id generator and flags) but handed to the
@@ -342,23 +363,23 @@ def celery_instrumentor_class():
             return True
 
         # -- run --------------------------------------------------------------------------------------------------
-        def _trace_prerun(self, *args, **kwargs):
-            task, task_id = kwargs.get("task"), kwargs.get("task_id")
+        def _prerun_hook(self, arguments):
+            task, task_id = arguments.get("task"), arguments.get("task_id")
             if task is not None and task_id is not None and (self._fast_path or self._lean):
-                request = task.request
+                request = task_signals.request_of(arguments)
                 traceparent = _fields(request).get("traceparent")
                 parent = None
                 if traceparent is not None:
                     parent = _remote_parent(traceparent, request)
                     if parent is None:
-                        return super()._trace_prerun(*args, **kwargs)  # a header only contrib's extract reads
+                        return self._trace_prerun(**arguments)  # a header only contrib's extract reads
                     if self._fast_path and not parent.trace_flags.sampled:
                         self._unsampled_runs[task_id] = context.attach(
                             set_span_in_context(trace.NonRecordingSpan(parent)))
                         return
                 if self._lean:
                     return self._run_traced(task, task_id, request, parent)
-            super()._trace_prerun(*args, **kwargs)
+            self._trace_prerun(**arguments)
 
         def _run_traced(self, task, task_id: str, request, parent) -> None:
             """contrib's run span (a child of the publish span in the message), built in one call."""
@@ -381,17 +402,17 @@ def celery_instrumentor_class():
             token = context.attach(set_span_in_context(span, parent_context))
             utils.attach_context(task, task_id, span, _LEAN, token)
 
-        def _trace_postrun(self, *args, **kwargs):
-            task_id = kwargs.get("task_id")
+        def _postrun_hook(self, arguments):
+            task_id = arguments.get("task_id")
             token = self._unsampled_runs.pop(task_id, None) if self._fast_path else None
             if token is not None:
                 context.detach(token)
                 return
-            task = kwargs.get("task")
+            task = arguments.get("task")
             held = utils.retrieve_context(task, task_id) if self._lean and task_id is not None else None
             if held is not None and held[1] is _LEAN:
                 span, _, token = held
-                state = kwargs.get("state")
+                state = arguments.get("state")
                 if state and isinstance(state, str):
                     set_string = getattr(span, "set_string_attribute", None)  # a span of ``started_spans``
                     (set_string or span.set_attribute)("celery.state", state)
@@ -399,7 +420,7 @@ def celery_instrumentor_class():
                 utils.detach_context(task, task_id)
                 context.detach(token)
                 return
-            super()._trace_postrun(*args, **kwargs)
+            self._trace_postrun(**arguments)
 
     return LoadlabCeleryInstrumentor
 

@@ -86,33 +86,33 @@ def _queue_of(delivery_info) -> str:
 
 
 # --- producer side ---------------------------------------------------------------------------------------------------
-def _before_publish(sender, arguments):
+def _before_publish(arguments):
     headers = arguments.get("headers")
     if headers is not None:
         headers[HEADER_ATTEMPT_SENT_AT] = time.time()
 
 
-def _after_publish(sender, arguments):
+def _after_publish(arguments):
     headers = arguments.get("headers")
     if headers and headers.get("retries"):
         return  # a retry is counted once, as retried, by the worker that retried it
-    INSTRUMENTS.sent.labels(sender or UNKNOWN, arguments.get("routing_key") or UNKNOWN).inc()
+    INSTRUMENTS.sent.labels(arguments.get("sender") or UNKNOWN, arguments.get("routing_key") or UNKNOWN).inc()
 
 
 # --- worker MainProcess ----------------------------------------------------------------------------------------------
-def _received(sender, arguments):
+def _received(arguments):
     request = arguments.get("request")
     if request is not None:
         _instruments_for(request.name or UNKNOWN, _queue_of(request.delivery_info))[RECEIVED].inc()
 
 
-def _rejected(sender, arguments):
+def _rejected(arguments):
     message = arguments.get("message")
     headers = getattr(message, "headers", None) or {}
     _instruments_for(headers.get("task") or UNKNOWN, _queue_of(getattr(message, "delivery_info", None)))[REJECTED].inc()
 
 
-def _revoked(sender, arguments):
+def _revoked(arguments):
     request = arguments.get("request")
     if request is None:
         return
@@ -128,10 +128,10 @@ def _header(request, name):
     return value
 
 
-def _prerun(sender, arguments):
+def _prerun(arguments):
     now = time.time()
     task = arguments["task"]
-    request = task.request
+    request = task_signals.request_of(arguments)
     bound = _instruments_for(task.name, _queue_of(request.delivery_info))
     sent_at = _header(request, HEADER_ATTEMPT_SENT_AT)
     if sent_at is None:
@@ -146,7 +146,7 @@ def _prerun(sender, arguments):
     _started[arguments["task_id"]] = (time.perf_counter(), bound)
 
 
-def _postrun(sender, arguments):
+def _postrun(arguments):
     started, bound = _started.pop(arguments["task_id"], (None, None))
     if bound is None:
         task = arguments["task"]

@@ -41,7 +41,7 @@ def install(ledger_url: str | None, run_id: str) -> None:
     task_signals.connect(signals.task_revoked, _revoked)
 
 
-def _before_publish(sender, arguments):
+def _before_publish(arguments):
     headers = arguments.get("headers")
     if headers is None:
         return
@@ -50,31 +50,31 @@ def _before_publish(sender, arguments):
     headers[ledger.HEADER_ATTEMPT_SENT_AT] = now
 
 
-def _after_publish(sender, arguments):
+def _after_publish(arguments):
     headers = arguments.get("headers")
     if not headers or headers.get("retries"):
         return  # retries are reported by the worker side, not as new submissions
     attempt_sent_at = headers.get(ledger.HEADER_ATTEMPT_SENT_AT)
     if attempt_sent_at is None:
         return
-    _sink.push([ledger.SENT, headers["id"], sender, headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
+    _sink.push([ledger.SENT, headers["id"], arguments.get("sender"), headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
                 time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT)])
 
 
-def _prerun(sender, arguments):
+def _prerun(arguments):
     _local.body_done_at = None
     _inflight[arguments.get("task_id")] = [time.time(), None]
 
 
-def _retry(sender, arguments):
+def _retry(arguments):
     request, reason = arguments.get("request"), arguments.get("reason")
     entry = _inflight.get(getattr(request, "id", None))
     if entry is not None:
         entry[1] = type(getattr(reason, "exc", None) or reason).__name__
 
 
-def _failure(sender, arguments):
-    task_id, exception = arguments.get("task_id"), arguments.get("exception")
+def _failure(arguments):
+    sender, task_id, exception = arguments.get("sender"), arguments.get("task_id"), arguments.get("exception")
     entry = _inflight.get(task_id)
     if entry is not None:
         entry[1] = type(exception).__name__
@@ -96,11 +96,11 @@ def _header(request, name):
     return value
 
 
-def _postrun(sender, arguments):
+def _postrun(arguments):
     task_id, task, state = arguments.get("task_id"), arguments.get("task"), arguments.get("state")
     finished_at = time.time()
     started_at, exc_type = _inflight.pop(task_id, (None, None))
-    request = task.request
+    request = task_signals.request_of(arguments)
     body_done_at = getattr(_local, "body_done_at", None) or finished_at
     eta = request.eta
     if eta is not None and not isinstance(eta, (int, float)):
@@ -116,7 +116,7 @@ def _postrun(sender, arguments):
                 request.hostname or _hostname])
 
 
-def _revoked(sender, arguments):
+def _revoked(arguments):
     request = arguments.get("request")
     if request is None:
         return

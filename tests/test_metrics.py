@@ -90,15 +90,18 @@ def test_loadlabs_task_hooks_share_one_celery_receiver_and_a_hook_that_raises_do
     signal = Signal(name="loadlab_test_signal")
     seen = []
 
-    def broken(sender, arguments):
+    def broken(arguments):
         raise RuntimeError("a bug in one hook")
 
     task_signals.connect(signal, broken)
-    task_signals.connect(signal, lambda sender, arguments: seen.append((sender, arguments)))
+    task_signals.connect(signal, seen.append)
     task_signals.connect(signal, broken)  # connecting twice is one hook
-    assert len(signal.receivers) == 1
+    assert len(signal.receivers) == 1 and task_signals.hooks_of(signal) == [broken, seen.append]
     signal.send(sender="loadlab.noop", task_id="t1", state="SUCCESS")
-    assert seen == [("loadlab.noop", {"signal": signal, "task_id": "t1", "state": "SUCCESS"})]
+    assert seen == [{"signal": signal, "sender": "loadlab.noop", "task_id": "t1", "state": "SUCCESS"}]
+    task_signals.disconnect(signal, broken)
+    signal.send(sender="loadlab.noop", task_id="t2")
+    assert len(seen) == 2 and len(caplog.records) == 1
     assert [r.getMessage() for r in caplog.records].count(
         f"loadlab's loadlab_test_signal hook {broken.__qualname__} raised") == 1
 

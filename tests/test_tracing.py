@@ -328,12 +328,14 @@ import sys
 import gevent
 from celery import signals
 from loadtests.users import celery_client
+from stack import task_signals
 from stack.settings import Settings
 
 settings = Settings.build(tracing="all", metrics="off", run_dir=sys.argv[1])
 users = [gevent.spawn(celery_client, settings) for _ in range(8)]
 gevent.joinall(users, raise_error=True)
-publish_handlers = [r for r in signals.before_task_publish.receivers if "_trace_before_publish" in repr(r)]
+publish_handlers = [h for h in task_signals.hooks_of(signals.before_task_publish) if "publish_hook" in repr(h)]
+assert not [r for r in signals.before_task_publish.receivers if "_trace_before_publish" in repr(r)]
 print(len({id(user.value) for user in users}), len(publish_handlers))
 """
 
