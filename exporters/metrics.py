@@ -98,18 +98,14 @@ class _Bound:
 
 
 class BoundCounter(_Bound):
-    __slots__ = ("_add", "_key")
+    __slots__ = ("_add", "key")
 
     def __init__(self, store: MetricStore, key: str):
         self._add = store.add
-        self._key = key
-
-    @property
-    def key(self) -> str:
-        return self._key
+        self.key = key  # an attribute, not a property: read on per-task paths
 
     def inc(self, amount: float = 1.0) -> None:
-        self._add(COUNTER, self._key, amount)
+        self._add(COUNTER, self.key, amount)
 
 
 class BoundGauge(_Bound):
@@ -127,7 +123,7 @@ class BoundGauge(_Bound):
 
 
 class BoundHistogram(_Bound):
-    __slots__ = ("_observe", "bounds", "bucket_keys", "_sum_key")
+    __slots__ = ("_observe", "bounds", "bucket_keys", "sum_key")
 
     def __init__(self, store: MetricStore, spec: MetricSpec, labelvalues: tuple[str, ...]):
         self._observe = store.observe
@@ -137,18 +133,14 @@ class BoundHistogram(_Bound):
         self.bucket_keys = tuple(
             sample_key(spec.family, spec.name + "_bucket", names, (*labelvalues, floatToGoString(bound)), spec.help)
             for bound in (*spec.buckets, float("inf")))
-        self._sum_key = sample_key(spec.family, spec.name + "_sum", spec.labels, labelvalues, spec.help)
+        self.sum_key = sample_key(spec.family, spec.name + "_sum", spec.labels, labelvalues, spec.help)
 
     def observe(self, value: float) -> None:
-        self._observe(self.bucket_key(value), self._sum_key, value)
+        self._observe(self.bucket_keys[bisect.bisect_left(self.bounds, value)], self.sum_key, value)
 
     def bucket_key(self, value: float) -> str:
         # le semantics: the first bucket whose bound is >= value
         return self.bucket_keys[bisect.bisect_left(self.bounds, value)]
-
-    @property
-    def sum_key(self) -> str:
-        return self._sum_key
 
 
 class Instrument:
@@ -175,7 +167,7 @@ class Instrument:
         # and a histogram always has all its buckets (histogram_quantile needs them)
         if spec.kind == HISTOGRAM:
             child = BoundHistogram(self.store, spec, values)
-            for key in (*child.bucket_keys, child._sum_key):
+            for key in (*child.bucket_keys, child.sum_key):
                 self.store.declare(HISTOGRAM, key)
             return child
         key = sample_key(spec.family, spec.name, spec.labels, values, spec.help)
