@@ -358,6 +358,10 @@ class WindowRecorder(Recorder):
         self._windows = windows
         self._records_seen = 0
         self.adopted = 0  # tasks that ran but whose SENT record never came, counted as submitted by close()
+        # Closed: its report is being written from what it has, so records that still come for its tasks are
+        # dropped and the tab keeps showing what the report says (e.g. an attempt that ended in a retry, whose
+        # record came after the task's next attempt had already finished and the drain had ended)
+        self.closed = False
 
     def start(self) -> "WindowRecorder":
         return self  # the dispatcher consumes
@@ -372,6 +376,7 @@ class WindowRecorder(Recorder):
         self._windows.poll(100_000)
         self.adopted += len(self.early)
         self.adopt_orphans()
+        self.closed = True
 
     def follows(self, task_id: str) -> bool:
         return (task_id in self.pending or task_id in self.retrying or task_id in self.early
@@ -425,7 +430,7 @@ class SwarmWindows:
         self.key = ledger.channel_key(settings.run_id)
         self.windows: list[Window] = []
         self.swarms = 0
-        self.dropped = 0  # records of tasks sent in a discarded window, after it settled
+        self.dropped = 0  # records of tasks sent in a discarded window after it settled, or in a reported one
         self.reports: list[Path] = []
         self.errors: list[str] = []
         self._client = None
@@ -521,7 +526,7 @@ class SwarmWindows:
                 record = ledger.decode(data)
                 window = self._route(record)
                 recorder = window.recorder if window is not None else None
-                if recorder is None:
+                if recorder is None or recorder.closed:
                     self.dropped += 1
                     continue
                 with recorder._lock:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOADLAB, REPO, REQUIRE_SERVICES, processes_mentioning, run_cli, unique, wait_until
+from tests.conftest import (LOADLAB, REPO, REQUIRE_SERVICES, need_service, processes_mentioning, run_cli, unique,
+                            wait_until)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(os.environ.get("LOADLAB_ARTIFACTS_DIR", REPO / "reports" / "artifacts"))
@@ -444,6 +445,56 @@ def test_stats_endpoint_returns_the_recorders_numbers(run_dir):
     assert rows["Latency end to end (samples)"]["value"] == 30
     assert rows["Latency end to end (samples)"]["p95"] == round(e2e["p95"], 1)
     assert "Tasks submitted,30" in result["csv"]
+
+
+LATE_RECORD_SCRIPT = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    import json, sys, time
+    sys.argv[1:] = []
+    import msgpack, redis
+    from loadtests.webui import SwarmWindows, ui_environment
+    from reports import ledger
+    from stack.settings import Settings
+
+    settings = Settings.build(run_id=__RUN_ID__, ledger_url="redis://127.0.0.1:6379/14")
+    client = redis.Redis.from_url(settings.ledger_url)
+    key = ledger.channel_key(settings.run_id)
+    now = time.time()
+
+    def push(*record):
+        client.rpush(key, msgpack.packb(list(record), use_bin_type=True))
+
+    def attempt(state, started_at):
+        # [ATTEMPT, id, name, state, sent_at, attempt_sent_at, eta, started_at, body_done_at, finished_at, retries,
+        #  exception type, intended_at, hostname]
+        return (ledger.ATTEMPT, "t1", "loadlab.flaky", state, now + 1, now + 1, None, started_at, started_at + 0.001,
+                started_at + 0.002, 0, None, None, "w1")
+
+    try:
+        windows = SwarmWindows(settings, __RUN_DIR__, ui_environment(settings))
+        windows.on_test_start()
+        push(ledger.SENT, "t1", "loadlab.flaky", now + 1, 0.001, None)
+        push(*attempt("SUCCESS", now + 1.2))  # the second attempt's record came first
+        recorder = windows.recorder
+        recorder.close()  # drained: its report is written from this
+        before = recorder.summary()["latency_ms"]["queue_wait"]["count"]
+        push(*attempt("RETRY", now + 1.1))  # the first attempt's record, after the report
+        windows.poll()
+        print("RESULT " + json.dumps({"before": before, "after": recorder.summary()["latency_ms"]["queue_wait"]["count"],
+                                      "dropped": windows.dropped}))
+    finally:
+        client.delete(key)
+""")
+
+
+def test_a_record_that_comes_after_a_windows_report_leaves_the_tab_as_the_report_says(run_dir):
+    need_service("Redis", "127.0.0.1", 6379)
+    script = LATE_RECORD_SCRIPT.replace("__RUN_ID__", repr(unique())).replace("__RUN_DIR__", repr(str(run_dir)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result == {"before": 1, "after": 1, "dropped": 1}
 
 
 def test_busy_web_port_is_a_usage_error(run_dir):
