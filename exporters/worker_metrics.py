@@ -54,12 +54,9 @@ def install(settings) -> None:
     _state["settings"] = settings
     if not settings.ledger_url:  # with a ledger its hook stamps the same header: one hook less per publish
         task_signals.connect(signals.before_task_publish, _before_publish)
-    task_signals.connect(signals.after_task_publish, _after_publish)
-    task_signals.connect(signals.task_received, _received)
-    task_signals.connect(signals.task_prerun, _prerun)
-    task_signals.connect(signals.task_postrun, _postrun)
-    task_signals.connect(signals.task_rejected, _rejected)
-    task_signals.connect(signals.task_revoked, _revoked)
+    task_signals.connect_each({signals.after_task_publish: _after_publish, signals.task_received: _received,
+                               signals.task_prerun: _prerun, signals.task_postrun: _postrun,
+                               signals.task_rejected: _rejected, signals.task_revoked: _revoked})
     signals.worker_init.connect(_worker_init, weak=False, dispatch_uid="loadlab-metrics-worker-init")
     signals.worker_process_init.connect(_worker_process_init, weak=False, dispatch_uid="loadlab-metrics-process-init")
     signals.worker_shutdown.connect(_worker_shutdown, weak=False, dispatch_uid="loadlab-metrics-worker-shutdown")

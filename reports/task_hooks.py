@@ -32,13 +32,9 @@ def install(ledger_url: str | None, run_id: str) -> None:
     if not ledger_url:
         return
     _sink = ledger.LedgerSink(ledger_url, run_id)
-    task_signals.connect(signals.before_task_publish, _before_publish)
-    task_signals.connect(signals.after_task_publish, _after_publish)
-    task_signals.connect(signals.task_prerun, _prerun)
-    task_signals.connect(signals.task_retry, _retry)
-    task_signals.connect(signals.task_failure, _failure)
-    task_signals.connect(signals.task_postrun, _postrun)
-    task_signals.connect(signals.task_revoked, _revoked)
+    task_signals.connect_each({signals.before_task_publish: _before_publish, signals.after_task_publish: _after_publish,
+                               signals.task_prerun: _prerun, signals.task_retry: _retry, signals.task_failure: _failure,
+                               signals.task_postrun: _postrun, signals.task_revoked: _revoked})
 
 
 def _before_publish(arguments):
@@ -57,7 +53,8 @@ def _after_publish(arguments):
     attempt_sent_at = headers.get(ledger.HEADER_ATTEMPT_SENT_AT)
     if attempt_sent_at is None:
         return
-    _sink.push([ledger.SENT, headers["id"], arguments.get("sender"), headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
+    _sink.push([ledger.SENT, headers["id"], arguments.get("sender"),
+                headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
                 time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT)])
 
 

@@ -44,6 +44,12 @@ def connect(signal: Signal, hook: Hook) -> None:
         hooks.append(hook)
 
 
+def connect_each(hooks: dict[Signal, Hook]) -> None:
+    """``connect`` for every signal -> hook of ``hooks``."""
+    for signal, hook in hooks.items():
+        connect(signal, hook)
+
+
 def request_of(arguments: dict):
     """The request of ``arguments["task"]`` (``task_prerun``, ``task_postrun``), kept in ``arguments`` for the next
     hook of the same signal."""
