@@ -123,7 +123,7 @@ class BoundGauge(_Bound):
 
 
 class BoundHistogram(_Bound):
-    __slots__ = ("_observe", "bounds", "bucket_keys", "sum_key")
+    __slots__ = ("_observe", "bounds", "bucket_keys", "sum_key", "keys")
 
     def __init__(self, store: MetricStore, spec: MetricSpec, labelvalues: tuple[str, ...]):
         self._observe = store.observe
@@ -134,6 +134,7 @@ class BoundHistogram(_Bound):
             sample_key(spec.family, spec.name + "_bucket", names, (*labelvalues, floatToGoString(bound)), spec.help)
             for bound in (*spec.buckets, float("inf")))
         self.sum_key = sample_key(spec.family, spec.name + "_sum", spec.labels, labelvalues, spec.help)
+        self.keys = (self.bounds, self.bucket_keys, self.sum_key)  # what the store's recorders take
 
     def observe(self, value: float) -> None:
         self._observe(self.bucket_keys[bisect.bisect_left(self.bounds, value)], self.sum_key, value)

@@ -9,7 +9,6 @@ Forked pool children inherit the wrapped registry; their observations land in th
 """
 from __future__ import annotations
 
-from bisect import bisect_left
 from time import perf_counter
 
 from kombu.serialization import registry
@@ -31,19 +30,14 @@ def _size(payload) -> int:
 
 
 def _timed_encoder(encoder, name: str):
-    seconds = INSTRUMENTS.serialization.labels(ENCODE, name)
-    size = INSTRUMENTS.message_bytes.labels(ENCODE, name)
-    # the buckets are looked up here rather than through bucket_key(): two calls less on a per-message path
-    seconds_bounds, seconds_buckets, seconds_sum = seconds.bounds, seconds.bucket_keys, seconds.sum_key
-    size_bounds, size_buckets, size_sum = size.bounds, size.bucket_keys, size.sum_key
-    observe_pair = STORE.observe_pair
+    record = STORE.histogram_pair_recorder(INSTRUMENTS.serialization.labels(ENCODE, name).keys,
+                                           INSTRUMENTS.message_bytes.labels(ENCODE, name).keys)
 
     def encode(data):
         started = perf_counter()
         payload = encoder(data)
-        elapsed, nbytes = perf_counter() - started, _size(payload)
-        observe_pair(seconds_buckets[bisect_left(seconds_bounds, elapsed)], seconds_sum, elapsed,
-                     size_buckets[bisect_left(size_bounds, nbytes)], size_sum, nbytes)
+        record(perf_counter() - started,
+               len(payload) if payload.__class__ is not str or payload.isascii() else _size(payload))
         return payload
 
     encode.__wrapped__ = encoder
@@ -52,18 +46,13 @@ def _timed_encoder(encoder, name: str):
 
 
 def _timed_decoder(decoder, name: str):
-    seconds = INSTRUMENTS.serialization.labels(DECODE, name)
-    size = INSTRUMENTS.message_bytes.labels(DECODE, name)
-    seconds_bounds, seconds_buckets, seconds_sum = seconds.bounds, seconds.bucket_keys, seconds.sum_key
-    size_bounds, size_buckets, size_sum = size.bounds, size.bucket_keys, size.sum_key
-    observe_pair = STORE.observe_pair
+    record = STORE.histogram_pair_recorder(INSTRUMENTS.serialization.labels(DECODE, name).keys,
+                                           INSTRUMENTS.message_bytes.labels(DECODE, name).keys)
 
     def decode(data):
         started = perf_counter()
         value = decoder(data)
-        elapsed, nbytes = perf_counter() - started, _size(data)
-        observe_pair(seconds_buckets[bisect_left(seconds_bounds, elapsed)], seconds_sum, elapsed,
-                     size_buckets[bisect_left(size_bounds, nbytes)], size_sum, nbytes)
+        record(perf_counter() - started, len(data) if data.__class__ is not str or data.isascii() else _size(data))
         return value
 
     decode.__wrapped__ = decoder

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import signals
@@ -42,8 +43,9 @@ DIRECTORY_PREFIX = "loadlab-metrics-"
 UNKNOWN = "unknown"
 
 _state = {"installed": False, "directory": None, "owns_directory": False, "server": None}
-_started: dict[str, tuple] = {}   # task id -> (perf_counter at prerun, its instruments); threads pools run several
-_per_task: dict[tuple[str, str], tuple] = {}  # (task, queue) -> bound instruments, one lookup per signal
+_started: dict[str, tuple] = {}   # task id -> (perf_counter at prerun, its series); threads pools run several
+_series: dict[tuple, "_Series"] = {}  # (task, routing key) as the message has them -> their series
+_sent: dict[tuple, Callable[[], None]] = {}  # (task, routing key) as published -> the sent counter's recorder
 
 
 def install(settings) -> None:
@@ -62,24 +64,34 @@ def install(settings) -> None:
     signals.worker_shutdown.connect(_worker_shutdown, weak=False, dispatch_uid="loadlab-metrics-worker-shutdown")
 
 
-def _instruments_for(task: str, queue: str) -> tuple:
-    bound = _per_task.get((task, queue))
-    if bound is None:
+class _Series:
+    """The recorders of one (task, queue)'s samples: each hook makes one call into the store (see its recorders)."""
+
+    __slots__ = ("received", "started", "started_after_wait", "ended_after", "count", "observe_runtime")
+
+    def __init__(self, task: str, queue: str):
         i = INSTRUMENTS
-        bound = _per_task[(task, queue)] = tuple(
-            instrument.labels(task, queue) for instrument in
-            (i.received, i.started, i.succeeded, i.failed, i.retried, i.rejected, i.revoked, i.runtime, i.queue_wait))
-    return bound
+        started, wait, runtime = (instrument.labels(task, queue) for instrument in (i.started, i.queue_wait, i.runtime))
+        # a task's last state -> its counter (the states Celery reports in task_postrun, and the worker's own)
+        counters = {state: instrument.labels(task, queue) for state, instrument in
+                    (("SUCCESS", i.succeeded), ("FAILURE", i.failed), ("RETRY", i.retried),
+                     ("REJECTED", i.rejected), ("REVOKED", i.revoked))}
+        self.received = STORE.counter_recorder(i.received.labels(task, queue).key)
+        self.started = STORE.counter_recorder(started.key)
+        self.started_after_wait = STORE.counter_and_histogram_recorder(started.key, wait.keys)
+        self.ended_after = {state: STORE.counter_and_histogram_recorder(counter.key, runtime.keys)
+                            for state, counter in counters.items()}
+        self.count = {state: counter.inc for state, counter in counters.items()}
+        self.observe_runtime = runtime.observe
 
 
-RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REJECTED, REVOKED, RUNTIME, QUEUE_WAIT = range(9)
-_STATE_COUNTER = {"SUCCESS": SUCCEEDED, "FAILURE": FAILED, "RETRY": RETRIED, "REJECTED": REJECTED, "REVOKED": REVOKED}
-
-
-def _queue_of(delivery_info) -> str:
-    if not delivery_info:
-        return UNKNOWN
-    return delivery_info.get("routing_key") or UNKNOWN
+def _series_of(task: str | None, delivery_info) -> _Series:
+    """The series of a task name and a message's delivery info (the queue label is its routing key)."""
+    queue = delivery_info.get("routing_key") if delivery_info else None
+    series = _series.get((task, queue))
+    if series is None:
+        series = _series[(task, queue)] = _Series(task or UNKNOWN, queue or UNKNOWN)
+    return series
 
 
 # --- producer side ---------------------------------------------------------------------------------------------------
@@ -93,72 +105,71 @@ def _after_publish(arguments):
     headers = arguments.get("headers")
     if headers and headers.get("retries"):
         return  # a retry is counted once, as retried, by the worker that retried it
-    INSTRUMENTS.sent.labels(arguments.get("sender") or UNKNOWN, arguments.get("routing_key") or UNKNOWN).inc()
+    task, queue = arguments.get("sender"), arguments.get("routing_key")
+    record = _sent.get((task, queue))
+    if record is None:
+        record = _sent[(task, queue)] = STORE.counter_recorder(
+            INSTRUMENTS.sent.labels(task or UNKNOWN, queue or UNKNOWN).key)
+    record()
 
 
 # --- worker MainProcess ----------------------------------------------------------------------------------------------
 def _received(arguments):
     request = arguments.get("request")
     if request is not None:
-        _instruments_for(request.name or UNKNOWN, _queue_of(request.delivery_info))[RECEIVED].inc()
+        _series_of(request.name, request.delivery_info).received()
 
 
 def _rejected(arguments):
     message = arguments.get("message")
     headers = getattr(message, "headers", None) or {}
-    _instruments_for(headers.get("task") or UNKNOWN, _queue_of(getattr(message, "delivery_info", None)))[REJECTED].inc()
+    _series_of(headers.get("task"), getattr(message, "delivery_info", None)).count["REJECTED"]()
 
 
 def _revoked(arguments):
     request = arguments.get("request")
     if request is None:
         return
-    _instruments_for(getattr(request, "name", None) or UNKNOWN,
-                     _queue_of(getattr(request, "delivery_info", None)))[REVOKED].inc()
+    _series_of(getattr(request, "name", None), getattr(request, "delivery_info", None)).count["REVOKED"]()
 
 
 # --- task execution (pool child, or the MainProcess of threads/solo/gevent pools) -----------------------------------
-def _header(request, name):
-    value = getattr(request, name, None)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(name)
-    return value
-
-
 def _prerun(arguments):
     now = time.time()
-    task = arguments["task"]
     request = task_signals.request_of(arguments)
-    bound = _instruments_for(task.name, _queue_of(request.delivery_info))
-    sent_at = _header(request, HEADER_ATTEMPT_SENT_AT)
+    series = _series_of(arguments["task"].name, request.delivery_info)
+    sent_at = getattr(request, HEADER_ATTEMPT_SENT_AT, None)  # Celery's request has the message's headers
     if sent_at is None:
-        bound[STARTED].inc()
+        sent_at = (getattr(request, "headers", None) or {}).get(HEADER_ATTEMPT_SENT_AT)
+    if sent_at is None:
+        series.started()
     else:
         if request.eta is not None:
             sent_at = max(sent_at, _timestamp(request.eta) or 0.0)
-        queue_wait = max(0.0, now - sent_at)
-        wait = bound[QUEUE_WAIT]
-        STORE.count_and_observe(bound[STARTED].key, wait.bucket_key(queue_wait), wait.sum_key, queue_wait)
-    # postrun finds the instruments here instead of looking the request up again
-    _started[arguments["task_id"]] = (time.perf_counter(), bound)
+        series.started_after_wait(now - sent_at if now > sent_at else 0.0)
+    # postrun finds the series here instead of looking the request up again
+    _started[arguments["task_id"]] = (time.perf_counter(), series)
+
+
+_NOT_STARTED = (None, None)
 
 
 def _postrun(arguments):
-    started, bound = _started.pop(arguments["task_id"], (None, None))
-    if bound is None:
-        task = arguments["task"]
-        bound = _instruments_for(task.name, _queue_of(task.request.delivery_info))
-    index = _STATE_COUNTER.get(arguments.get("state"))
+    started, series = _started.pop(arguments["task_id"], _NOT_STARTED)
+    if series is None:
+        series = _series_of(arguments["task"].name, task_signals.request_of(arguments).delivery_info)
+    state = arguments.get("state")
     if started is None:
-        if index is not None:
-            bound[index].inc()
+        count = series.count.get(state)
+        if count is not None:
+            count()
         return
     runtime_s = time.perf_counter() - started
-    runtime = bound[RUNTIME]
-    if index is None:
-        runtime.observe(runtime_s)
+    record = series.ended_after.get(state)
+    if record is None:
+        series.observe_runtime(runtime_s)
     else:
-        STORE.count_and_observe(bound[index].key, runtime.bucket_key(runtime_s), runtime.sum_key, runtime_s)
+        record(runtime_s)
 
 
 def _timestamp(eta) -> float | None:

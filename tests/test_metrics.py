@@ -86,6 +86,31 @@ def test_a_slot_file_that_outgrows_its_first_mapping_keeps_every_value_where_pro
     reopened.detach()
 
 
+def test_a_recorder_writes_where_the_stores_values_are_now_and_a_bad_value_leaves_the_store_usable(tmp_path):
+    store = MetricStore()
+    inst = metrics.Instruments(store)
+    started = inst.started.labels("loadlab.noop", "celery")
+    wait = inst.queue_wait.labels("loadlab.noop", "celery")
+    record = store.counter_and_histogram_recorder(started.key, wait.keys)  # made while the store is in memory
+    record(0.003)
+    store.attach(str(tmp_path), "slot0")  # the cells move into the slot file: the recorder follows them
+    record(0.2)
+    with pytest.raises(TypeError):
+        record(None)  # a value that cannot be observed: refused before anything is written, the lock not left held
+    record(0.003)
+    counters = MmapedDict.read_all_values_from_file(str(tmp_path / "counter_slot0.db"))
+    assert {key: value for key, value, *_ in counters}[started.key] == 3.0
+    store.detach()
+    record(30.0)
+    values = store.snapshot()
+    assert values[started.key] == 4.0
+    assert values[wait.bucket_key(0.003)] == 2.0 and values[wait.bucket_key(0.2)] == 1.0
+    assert values[wait.bucket_key(30.0)] == 1.0 and values[wait.sum_key] == pytest.approx(30.206)
+    undeclared = metric_store.sample_key("loadlab_test", "loadlab_test_total", (), (), "h")
+    with pytest.raises(KeyError, match="not declared"):
+        store.counter_recorder(undeclared)
+
+
 def test_loadlabs_task_hooks_share_one_celery_receiver_and_a_hook_that_raises_does_not_stop_the_others(caplog):
     signal = Signal(name="loadlab_test_signal")
     seen = []
