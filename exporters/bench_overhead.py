@@ -324,6 +324,7 @@ def bench(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Settings.build(workers=args.workers, concurrency=args.concurrency)
+    earlier = load_earlier(args.with_earlier, vars(args))
     results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
     started = time.monotonic()
     planned = sessions(args.rounds, CONFIGS)
@@ -357,8 +358,60 @@ def bench(args) -> dict:
     record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
               "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
               "slices": results, "summary": summary}
+    if earlier:
+        together = combined(results, earlier)
+        record["earlier"] = [run["path"] for run in earlier]
+        record["combined_summary"] = summarize(together)
+        rounds = len(together["bare"])
+        console.print(summary_table(record["combined_summary"], args,
+                                    title=f"this run and {len(earlier)} earlier: {rounds} rounds in "
+                                          f"{len({s.get('session') for s in together['bare']})} sessions"))
+        console.print("earlier runs: " + ", ".join(record["earlier"]), markup=False)
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+# what a run's ratios depend on besides the code: runs combine only when all of these match
+RUN_SETTINGS = ("tasks", "paced_tasks", "paced_rate", "workers", "concurrency")
+
+
+def load_earlier(paths: list[str], settings: dict) -> list[dict]:
+    """Earlier runs of this bench (their bench.json, or the directory holding it) to summarize with a new one.
+
+    Their rounds count like this run's: more sessions narrow the interval, as ``--rounds`` does. The machine's
+    drift between the runs is in it, because each run's sessions are resampled as sessions of their own.
+    Raises ValueError (one sentence naming the file and what is wrong) for a missing or unreadable file, or a run
+    whose settings differ from ``settings``."""
+    runs = []
+    for given in paths:
+        path = Path(given)
+        path = path / "bench.json" if path.is_dir() else path
+        try:
+            run = json.loads(path.read_text())
+            slices, ran_with = run["slices"], {key: run[key] for key in RUN_SETTINGS}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--with-earlier {given!r} is not the bench.json of a `loadlab bench overhead` run "
+                             f"({type(exc).__name__}: {exc}); give such a file or its directory.") from None
+        if set(slices) != {name for name, *_ in CONFIGS}:
+            raise ValueError(f"--with-earlier {given!r} has the configurations {sorted(slices)}, not this bench's "
+                             f"{[name for name, *_ in CONFIGS]}; give a run of this version of the bench.")
+        for key, value in ran_with.items():
+            if value != settings[key]:
+                option = "--" + key.replace("_", "-")
+                raise ValueError(f"--with-earlier {given!r} ran with {option} {value}, this run with "
+                                 f"{settings[key]}; only runs with the same --tasks, --paced-tasks, --paced-rate, "
+                                 f"--workers and --concurrency combine.")
+        runs.append({"path": str(path), "slices": slices})
+    return runs
+
+
+def combined(results: dict[str, list[dict]], earlier: list[dict]) -> dict[str, list[dict]]:
+    """This run's slices and the earlier runs', each earlier session labelled ``<n>.<session>`` (run n)."""
+    together = {name: list(slices) for name, slices in results.items()}
+    for number, run in enumerate(earlier, 1):
+        for name in together:
+            together[name] += [{**s, "session": f"{number}.{s.get('session')}"} for s in run["slices"][name]]
+    return together
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -418,12 +471,13 @@ def verdict(low: float, high: float, target: float) -> str:
     return "not resolved"
 
 
-def summary_table(summary: dict, args):
+def summary_table(summary: dict, args, title: str | None = None):
     from rich.table import Table
 
-    table = Table(title=f"loadlab bench overhead: {args.rounds} rounds; in each, a burst of {args.tasks} no-op tasks "
-                        f"per stack, then {args.paced_tasks} paced at {args.paced_rate:g}/s; {args.workers} worker x "
-                        f"{args.concurrency} prefork per stack", box=None, header_style="bold")
+    table = Table(title=title or f"loadlab bench overhead: {args.rounds} rounds; in each, a burst of {args.tasks} "
+                                 f"no-op tasks per stack, then {args.paced_tasks} paced at {args.paced_rate:g}/s; "
+                                 f"{args.workers} worker x {args.concurrency} prefork per stack",
+                  box=None, header_style="bold")
     for column in ("configuration", "tasks/s", "x bare [95% CI]", "target", "p50 ms", "p50 x bare [95% CI]",
                    "CPU ms/task", "CPU x bare [95% CI]"):
         table.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
@@ -454,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, required=True)
     b.add_argument("--concurrency", type=int, required=True)
     b.add_argument("--out", required=True)
+    b.add_argument("--with-earlier", action="append", default=[])
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.warmup, [int(p) for p in args.watch_pids.split(",") if p])

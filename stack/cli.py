@@ -500,17 +500,26 @@ def bench_recorder_command(sizes):
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes per stack")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
 @click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
-def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out):
+@click.option("--with-earlier", multiple=True, metavar="PATH", help="bench.json (or its directory) of an earlier run with the same settings, summarized with this run's rounds (repeatable)")
+def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out, with_earlier):
     """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, and a second bare stack as the A/A
     control: five stacks side by side taking turns; throughput, p50 and CPU per task, each as a ratio to bare with
     its 95% confidence interval."""
     import subprocess
 
+    from exporters.bench_overhead import load_earlier
+
+    try:  # before any stack starts: a wrong file is refused at once
+        load_earlier(list(with_earlier), {"tasks": tasks, "paced_tasks": paced_tasks, "paced_rate": paced_rate,
+                                          "workers": workers, "concurrency": concurrency})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     run_dir = _run_dir(out, "bench-overhead")
     # a clean interpreter: this process is gevent-patched for Locust, which would distort what is measured
     code = subprocess.call([sys.executable, "-m", "exporters.bench_overhead", "bench", "--rounds", str(rounds),
                             "--tasks", str(tasks), "--paced-tasks", str(paced_tasks), "--paced-rate", str(paced_rate),
-                            "--workers", str(workers), "--concurrency", str(concurrency), "--out", str(run_dir)])
+                            "--workers", str(workers), "--concurrency", str(concurrency), "--out", str(run_dir),
+                            *(f"--with-earlier={path}" for path in with_earlier)])
     sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
 
 

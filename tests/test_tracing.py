@@ -630,6 +630,48 @@ def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_o
     assert median_interval(around, [0] * len(around)) == median_interval(around)  # one session: the rounds
 
 
+def test_bench_overhead_summarizes_earlier_runs_with_the_same_settings_and_refuses_the_others(tmp_path):
+    from exporters.bench_overhead import CONFIGS, combined, load_earlier, summarize
+
+    settings = {"tasks": 1000, "paced_tasks": 40, "paced_rate": 40.0, "workers": 1, "concurrency": 2}
+
+    def run(metrics_ratios: list[float]) -> dict:
+        # rounds in sessions of two; metrics runs at the given share of bare's throughput, the others at bare's
+        slices = {name: [{"round": i + 1, "session": i // 2 + 1, "p50_ms": 3.0, "cpu_ms_per_task": 2.5,
+                          "throughput_per_s": 600.0 * (ratio if name == "metrics" else 1.0)}
+                         for i, ratio in enumerate(metrics_ratios)] for name, *_ in CONFIGS}
+        return {**settings, "rounds": len(metrics_ratios), "slices": slices}
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "bench.json").write_text(json.dumps(run([0.95, 0.95, 0.96, 0.96])))
+    this_run = run([0.99, 0.99, 0.98, 0.98])["slices"]
+    [earlier] = load_earlier([str(first)], settings)  # a run's directory or its bench.json
+    together = combined(this_run, [earlier])
+    assert [len(slices) for slices in together.values()] == [8] * len(CONFIGS)
+    assert {s["session"] for s in together["metrics"]} == {1, 2, "1.1", "1.2"}  # each run's sessions its own
+    summary = summarize(together)["metrics"]
+    assert summary["throughput_ratio"] == pytest.approx(0.97)
+    assert 0.95 <= summary["throughput_ratio_ci_low"] < 0.97 < summary["throughput_ratio_ci_high"] <= 0.99
+    assert summarize(this_run)["metrics"]["throughput_ratio"] == pytest.approx(0.985)  # this run alone, unchanged
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**run([0.9]), "tasks": 500}))
+    with pytest.raises(ValueError, match=r"ran with --tasks 500, this run with 1000"):
+        load_earlier([str(other)], settings)
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="is not the bench.json of a `loadlab bench overhead` run"):
+        load_earlier([str(other)], settings)
+
+
+def test_bench_overhead_refuses_an_earlier_run_it_cannot_read_before_starting_anything(tmp_path):
+    result = run_cli("bench", "overhead", "--with-earlier", str(tmp_path / "missing"), "--out", str(tmp_path / "b"),
+                     timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--with-earlier" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_overhead_waits_for_results_stored_out_of_order_and_gives_up_at_its_deadline():
     """The burst's wait watches the last task published, then fetches the rest: results stored in any order are all
     found, with their date_done, and a result that never comes ends in a TimeoutError, not a hang."""
