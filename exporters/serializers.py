@@ -36,8 +36,12 @@ def _timed_encoder(encoder, name: str):
     def encode(data):
         started = perf_counter()
         payload = encoder(data)
-        record(perf_counter() - started,
-               len(payload) if payload.__class__ is not str or payload.isascii() else _size(payload))
+        elapsed = perf_counter() - started
+        try:  # kombu's bodies are bytes-like or str: anything else counts 0 bytes rather than break the call
+            nbytes = len(payload) if payload.__class__ is not str or payload.isascii() else _size(payload)
+        except TypeError:
+            nbytes = 0
+        record(elapsed, nbytes)
         return payload
 
     encode.__wrapped__ = encoder
@@ -52,7 +56,12 @@ def _timed_decoder(decoder, name: str):
     def decode(data):
         started = perf_counter()
         value = decoder(data)
-        record(perf_counter() - started, len(data) if data.__class__ is not str or data.isascii() else _size(data))
+        elapsed = perf_counter() - started
+        try:
+            nbytes = len(data) if data.__class__ is not str or data.isascii() else _size(data)
+        except TypeError:
+            nbytes = 0
+        record(elapsed, nbytes)
         return value
 
     decode.__wrapped__ = decoder

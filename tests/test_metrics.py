@@ -166,6 +166,12 @@ def test_timed_serializers_keep_names_and_content_types_and_record_each_call():
             content_type, encoding, payload = dumps(body, serializer="json")
             assert loads(payload, content_type, encoding, accept=ACCEPT) == body
         assert sum(snapshot().get(k, 0) for k in count_key) == decoded_before + 3
+        # sizes are bytes, not characters; a body with no length counts 0 bytes and the call still returns
+        sizes = metrics.INSTRUMENTS.message_bytes.labels("encode", "loadlab-test")
+        assert serializers._timed_encoder(lambda data: data, "loadlab-test")("é" * 10) == "é" * 10
+        assert snapshot()[sizes.sum_key] == 20.0
+        assert serializers._timed_decoder(lambda data: "decoded", "loadlab-test")(object()) == "decoded"
+        assert snapshot()[metrics.INSTRUMENTS.message_bytes.labels("decode", "loadlab-test").bucket_key(0)] == 1.0
     finally:
         serializers.uninstall()
     assert not serializers.installed()
