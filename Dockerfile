@@ -10,6 +10,7 @@ WORKDIR /app
 
 # Copy only what the package needs: never a local .venv, .git, .env or run directories into the image.
 COPY pyproject.toml README.md ./
+COPY loadlab ./loadlab
 COPY stack ./stack
 COPY exporters ./exporters
 COPY loadtests ./loadtests

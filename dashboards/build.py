@@ -2,7 +2,7 @@
 
 ``build()`` writes ``dashboards/json/<uid>.json`` (what Grafana provisioning mounts); ``check()`` lists problems: JSON
 missing or stale compared with a fresh build, a panel without a query, an expression promtool cannot parse, a rule file
-promtool rejects. ``loadlab dashboards build|check`` call these; ``python -m dashboards.build [build|check]`` does too
+promtool rejects. ``loadlab dashboards build|check`` call these; ``python -m loadlab.dashboards.build [build|check]`` does too
 (exit 1 when check finds problems, 2 when promtool is missing).
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print(f"{len(DASHBOARDS)} dashboards up to date; all queries parse")
         return 1 if problems else 0
-    print("usage: python -m dashboards.build [build|check]", file=sys.stderr)
+    print("usage: python -m loadlab.dashboards.build [build|check]", file=sys.stderr)
     return 2
 
 

@@ -1,7 +1,7 @@
 """Dashboards without Grafana: every panel of every dashboard drawn as a static plot from a run's Prometheus data.
 
 ``loadlab dashboards render RUN_DIR`` serves the TSDB that ``loadlab run --prometheus`` kept in ``RUN_DIR/prometheus/``
-(``prometheus_runner.open_run``: a copy, read-only for the run directory), evaluates each panel's queries over the
+(``loadlab.stack.prometheus.open_run``: a copy, read-only for the run directory), evaluates each panel's queries over the
 run's time range with ``/api/v1/query_range`` — the same expressions as the committed dashboards, Grafana variables
 replaced as Grafana would (``$__rate_interval`` = max(4 × scrape interval, step + scrape interval), template
 variables = All) — and writes ``RUN_DIR/dashboards/<uid>.html`` per dashboard plus ``index.html``: self-contained
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .prometheus_runner import Prometheus, StoredRun, open_run
+from loadlab.stack.prometheus import Prometheus, StoredRun, open_run
 from .queries import DASHBOARDS, expand
 from .spec import DashboardSpec, PanelSpec
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from exporters.metrics import STORE
+from loadlab.exporters.metrics import STORE
 
 _registered: set[int] = set()
 
@@ -30,6 +30,6 @@ def instrument_api(api, settings) -> None:
         api, endpoint="/metrics", include_in_schema=False)
     register_store()
     if settings.run_dir and settings.api_port:
-        from exporters.worker_metrics import write_port_file
+        from loadlab.exporters.worker_metrics import write_port_file
 
         write_port_file(Path(settings.run_dir), "api", "api", settings.api_port, "127.0.0.1")

@@ -50,7 +50,7 @@ from itertools import islice
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from exporters import metrics as names
+from loadlab.exporters import metrics as names
 
 log = logging.getLogger("loadlab.exporter")
 
@@ -69,7 +69,7 @@ UNACKED_ALL_QUEUES = "*"
 RUNTIME_BUCKETS = names.TASK_RUNTIME.buckets
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 
-# event type -> counter name (names are defined once, in exporters.metrics)
+# event type -> counter name (names are defined once, in loadlab.exporters.metrics)
 TASK_COUNTERS = {
     "task-sent": names.TASK_SENT.name,
     "task-received": names.TASK_RECEIVED.name,
@@ -542,10 +542,12 @@ def exporter_app(settings):
     from celery import Celery
     from celery.utils.imports import symbol_by_name
 
-    from stack.app import celery_config
+    from loadlab.config.celery_config import celery_config, use_stack_urls
 
     if settings.app:
-        return symbol_by_name(settings.app)
+        app = symbol_by_name(settings.app)
+        use_stack_urls(app, settings)
+        return app
     app = Celery("loadlab-exporter", broker=settings.broker, set_as_current=False)
     config = celery_config(settings)
     app.conf.update({k: v for k, v in config.items() if k.startswith(("broker_", "accept_content", "event_"))})
@@ -553,9 +555,9 @@ def exporter_app(settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stack.settings import Settings
+    from loadlab.config.settings import Settings
 
-    parser = argparse.ArgumentParser(prog="python -m exporters.exporter_service", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadlab.exporters.exporter_service", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=None, help="bind address (default: settings metrics_host)")
     parser.add_argument("--port", type=int, default=None, help=f"port (default: settings metrics_port, else {DEFAULT_PORT})")
     parser.add_argument("--queues", default="", help="comma-separated queues to watch besides settings.queue")

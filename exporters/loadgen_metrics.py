@@ -10,8 +10,8 @@ from typing import Callable
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 
-from exporters.api_metrics import register_store
-from exporters.metrics import INSTRUMENTS, TASKS_IN_FLIGHT
+from loadlab.exporters.api_metrics import register_store
+from loadlab.exporters.metrics import INSTRUMENTS, TASKS_IN_FLIGHT
 
 log = logging.getLogger("loadlab.metrics")
 
@@ -69,7 +69,7 @@ def serve(settings, recorder=None, *, register: bool = True) -> str | None:
             log.warning("could not serve the load generator's /metrics (%s); the final scrape is still written", exc)
             return None
         _served["server"] = server
-    from exporters.worker_metrics import write_port_file
+    from loadlab.exporters.worker_metrics import write_port_file
 
     if settings.run_dir and register:
         write_port_file(Path(settings.run_dir), "loadgen", "loadgen", server.server_port, settings.metrics_host)

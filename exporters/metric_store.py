@@ -10,7 +10,7 @@ Why not prometheus_client's own multiprocess values, or its ``MmapedDict`` behin
 Python calls, a ``struct.pack`` and a slice assignment per sample written (one serializer call's two observations,
 buckets looked up included: ~21 k instructions, measured with callgrind; with cells and a recorder ~7 k), and
 prometheus_client keys its files by pid, which is what makes recycled pool children pile files up. Here the caller
-picks the file name (a pool slot), see ``exporters.worker_metrics``.
+picks the file name (a pool slot), see ``loadlab.exporters.worker_metrics``.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Labels are bounded: ``task`` (registered task names), ``queue``, ``state``, ``se
 no hostnames (a worker's identity is the scrape target). The exporter service imports its names from here too.
 
 Instruments (``counter``/``histogram``/``gauge``) write into one ``MetricStore`` per process (see
-``exporters.metric_store``): an in-place add under a lock, into a shared-memory file in worker processes. That is
+``loadlab.exporters.metric_store``): an in-place add under a lock, into a shared-memory file in worker processes. That is
 several times cheaper per observation than prometheus_client's own classes, and the hot path runs a few times for
 every task.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 
 from prometheus_client.utils import floatToGoString
 
-from exporters.metric_store import COUNTER, GAUGE, HISTOGRAM, MetricStore, sample_key
+from loadlab.exporters.metric_store import COUNTER, GAUGE, HISTOGRAM, MetricStore, sample_key
 
 Kind = Literal["counter", "histogram", "gauge"]
 
@@ -73,7 +73,7 @@ END_TO_END = MetricSpec("loadlab_task_end_to_end_seconds", "histogram",
                         LATENCY_BUCKETS)
 TASKS_IN_FLIGHT = MetricSpec("loadlab_tasks_in_flight", "gauge", "Tasks submitted and not yet finished.")
 
-# --- the exporter service (exporters.exporter_service defines and fills these) ---------------------------------------
+# --- the exporter service (loadlab.exporters.exporter_service defines and fills these) ---------------------------------------
 QUEUE_LENGTH = celery_queue_length = "celery_queue_length"
 QUEUE_UNACKED = celery_queue_unacked = "celery_queue_unacked"
 WORKER_UP = celery_worker_up = "celery_worker_up"
@@ -198,6 +198,6 @@ class Instruments:
 
 
 # The one store of this process and its instruments. Worker processes attach it to a shared-memory file
-# (exporters.worker_metrics); everywhere else it stays in memory and is exposed through ``store.collector()``.
+# (loadlab.exporters.worker_metrics); everywhere else it stays in memory and is exposed through ``store.collector()``.
 STORE = MetricStore()
 INSTRUMENTS = Instruments(STORE)

@@ -61,7 +61,7 @@ def scrape_all(stack, out_dir: Path, *, include_self: bool = True) -> dict[str, 
     if include_self:
         from prometheus_client import REGISTRY, generate_latest
 
-        from exporters.loadgen_metrics import is_serving
+        from loadlab.exporters.loadgen_metrics import is_serving
 
         if is_serving():
             record("loadgen", generate_latest(REGISTRY))

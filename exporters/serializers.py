@@ -13,7 +13,7 @@ from time import perf_counter
 
 from kombu.serialization import registry
 
-from exporters.metrics import INSTRUMENTS, STORE
+from loadlab.exporters.metrics import INSTRUMENTS, STORE
 
 ENCODE, DECODE = "encode", "decode"
 _originals: dict[tuple[str, str], object] = {}  # ("encoder", name) / ("decoder", content type) -> original function

@@ -18,7 +18,7 @@ Where the contrib code has gaps, or costs more than the stack it watches, this m
   query: message id, destination, hostname, state, retries, eta, countdown and expires;
 - contrib connects its publish and run handlers as Celery receivers of their own, and Celery unpacks a signal's
   keywords again for each receiver (~10 k instructions): here they are hooks of loadlab's one receiver per signal
-  (``stack.task_signals``), with the ledger's and the metrics', and share one lookup of the task's request;
+  (``loadlab.exporters.task_signals``), with the ledger's and the metrics', and share one lookup of the task's request;
 - the batch queue is sized so a burst does not drop spans before the next export.
 
 ``--tracing all`` samples every trace, ``sampled`` keeps ``trace_sample_ratio`` of new traces (parent-based: a task
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from celery import signals
 
-from stack import task_signals
+from loadlab.exporters import task_signals
 
 log = logging.getLogger("loadlab.tracing")
 
@@ -238,7 +238,7 @@ def celery_instrumentor_class():
             if not hasattr(self._ids, "preset"):
                 self._fast_path = False
             super()._instrument(**kwargs)
-            # the per-task handlers run as hooks of loadlab's one receiver per signal (stack.task_signals), not as
+            # the per-task handlers run as hooks of loadlab's one receiver per signal (loadlab.exporters.task_signals), not as
             # receivers of their own: Celery unpacks a signal's keywords again for every receiver
             for signal, receiver, hook in self._per_task_hooks():
                 signal.disconnect(receiver)

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from celery import signals
 
-from exporters.metrics import INSTRUMENTS, STORE
-from reports.ledger import HEADER_ATTEMPT_SENT_AT
-from stack import task_signals
+from loadlab.exporters.metrics import INSTRUMENTS, STORE
+from loadlab.exporters.ledger import HEADER_ATTEMPT_SENT_AT
+from loadlab.exporters import task_signals
 
 log = logging.getLogger("loadlab.metrics")
 
@@ -258,7 +258,7 @@ def serve(directory: str, settings, name: str):
 
 
 def write_port_file(run_dir: Path, name: str, kind: str, port: int, host: str, **extra) -> Path:
-    """``<run_dir>/ports/<name>.json``: where a process of the stack serves /metrics (exporters.scrape reads these)."""
+    """``<run_dir>/ports/<name>.json``: where a process of the stack serves /metrics (loadlab.exporters.scrape reads these)."""
     ports = run_dir / "ports"
     ports.mkdir(parents=True, exist_ok=True)
     local = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

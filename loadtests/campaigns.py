@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtests.headless import execute_run
-from reports.scaling import ScalingError, fit_usl, knee
-from stack.settings import Settings
+from loadlab.loadtests.headless import execute_run
+from loadlab.reports.scaling import ScalingError, fit_usl, knee
+from loadlab.config.settings import Settings
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -67,7 +67,7 @@ def run_serialization_inband(base: Settings, out: Path, console: Console, *, ser
                              sizes: list[int], shape: str, offline_rows: list[dict]) -> list[dict]:
     """One real run per serializer and payload size (payload task echoing its body): throughput, end-to-end latency,
     and the share of it spent serializing (see :func:`inband_row`)."""
-    from loadtests.scenarios import Scenario, TaskChoice
+    from loadlab.loadtests.scenarios import Scenario, TaskChoice
 
     rows = []
     for serializer, size in itertools.product(serializers, sizes):

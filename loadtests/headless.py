@@ -8,16 +8,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from exporters import loadgen_metrics, tracing
-from exporters.scrape import scrape_all
-from loadtests.runner import LocustRun, completion_listener
-from loadtests.scenarios import Scenario, get_scenario
-from reports.recorder import Recorder
-from reports.render import write_rendered
-from reports.report import build_report, measured_serialization, serialization_totals, write_json
-from stack.settings import Settings
-from stack.supervisor import Stack, start_stack
-from stack.tasks import retry_policy
+from loadlab.exporters import loadgen_metrics, tracing
+from loadlab.exporters.scrape import scrape_all
+from loadlab.loadtests.runner import LocustRun, completion_listener
+from loadlab.loadtests.scenarios import Scenario, get_scenario
+from loadlab.reports.recorder import Recorder
+from loadlab.reports.render import write_rendered
+from loadlab.reports.report import build_report, measured_serialization, serialization_totals, write_json
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack, start_stack
+from loadlab.stack.tasks import retry_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 QUEUE_SAMPLE_INTERVAL_S = 1.0
@@ -29,7 +29,7 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
         settings = Settings(**{**settings.model_dump(exclude_unset=True), "chaos": scenario.chaos})
     console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:
-        from dashboards.prometheus_runner import PrometheusMissing, binary
+        from loadlab.stack.prometheus import PrometheusMissing, binary
 
         try:
             binary()
@@ -60,11 +60,12 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     sampler = QueueDepthSampler(stack.app, settings.queue, recorder.observe_queue_depth).start()
     try:
         if settings.prometheus:  # after serve(): the load generator's own endpoint is a target too
-            from dashboards.prometheus_runner import PrometheusError, RunPrometheus
+            from loadlab.dashboards.queries import RULES_FILE
+            from loadlab.stack.prometheus import PrometheusError, RunPrometheus
 
             try:
                 with console.status("starting Prometheus (every endpoint scraped each second)…"):
-                    prometheus = RunPrometheus(run_dir, stack).start()
+                    prometheus = RunPrometheus(run_dir, RULES_FILE, stack).start()
             except PrometheusError as exc:
                 console.print(f"[bold red]error:[/] {exc}")
                 return EXIT_FAILED
@@ -134,7 +135,7 @@ def _own_metrics_text() -> str:
     """This process's metric store in the exposition format, as its final scrape (``metrics/loadgen.prom``) has it."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporters.metrics import STORE
+    from loadlab.exporters.metrics import STORE
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(STORE.collector())
@@ -152,7 +153,7 @@ class QueueDepthSampler:
     left it) and returns within a bounded time."""
 
     def __init__(self, app, queue: str, on_sample, interval_s: float = QUEUE_SAMPLE_INTERVAL_S):
-        from exporters.exporter_service import BrokerPoller
+        from loadlab.exporters.exporter_service import BrokerPoller
 
         self.queue = queue
         self.on_sample = on_sample
@@ -228,7 +229,7 @@ def _start_chaos(stack: Stack, console: Console) -> _ChaosRun | None:
         return None
     import gevent
 
-    from stack import chaos
+    from loadlab.stack import chaos
 
     faults = chaos.parse_plan(stack.settings.chaos)
     started = time.monotonic()
@@ -265,7 +266,7 @@ def _start_chaos(stack: Stack, console: Console) -> _ChaosRun | None:
 
 
 def _chaos_report(faults, recorder: Recorder, settings: Settings) -> dict:
-    from stack import chaos
+    from loadlab.stack import chaos
 
     lost = {task_id: sent_at for task_id, (_name, sent_at) in recorder.pending.items()}
     unattributed = chaos.attribute_losses(faults, lost)

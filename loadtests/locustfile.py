@@ -8,11 +8,11 @@ is set, the master (or the single local process) follows the run's ledger and fi
 from locust import events
 from locust.runners import WorkerRunner
 
-from exporters import loadgen_metrics
-from loadtests.runner import completion_listener
-from loadtests.scenarios import get_scenario
-from loadtests.users import build_user_classes
-from stack.settings import Settings
+from loadlab.exporters import loadgen_metrics
+from loadlab.loadtests.runner import completion_listener
+from loadlab.loadtests.scenarios import get_scenario
+from loadlab.loadtests.users import build_user_classes
+from loadlab.config.settings import Settings
 
 settings = Settings.from_env()
 scenario = get_scenario(settings.scenario)
@@ -37,7 +37,7 @@ def _celery_tab(environment, web_ui=None, **_):
     global _monitor
     if web_ui is None or not settings.broker:
         return
-    from loadtests.webui import CeleryMonitor, install_celery_tab
+    from loadlab.loadtests.webui import CeleryMonitor, install_celery_tab
 
     _monitor = CeleryMonitor(settings).start()
     install_celery_tab(environment, lambda: _recorder, _monitor)
@@ -47,7 +47,7 @@ def _celery_tab(environment, web_ui=None, **_):
 def _follow_ledger(environment, **_):
     global _recorder
     if settings.ledger_url and not isinstance(environment.runner, WorkerRunner) and _recorder is None:
-        from reports.recorder import Recorder
+        from loadlab.reports.recorder import Recorder
 
         _recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
                              on_completion=loadgen_metrics.observe_completions(

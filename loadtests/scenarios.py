@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stack.settings import SettingsError
+from loadlab.config.settings import SettingsError
 
 
 @dataclass(frozen=True)
 class TaskChoice:
-    task: str            # short reference task name (stack.tasks.TASK_NAMES)
+    task: str            # short reference task name (loadlab.stack.tasks.TASK_NAMES)
     weight: int
-    kwargs: dict = field(default_factory=dict)  # API-level arguments (stack.tasks.TASK_ARGS models)
+    kwargs: dict = field(default_factory=dict)  # API-level arguments (loadlab.stack.tasks.TASK_ARGS models)
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Scenario:
     rate_per_user: float          # tasks per second each user submits (Locust constant_throughput)
     mix: tuple[TaskChoice, ...]
     api_share: float = 0.0        # fraction of users that go through the HTTP API instead of apply_async
-    shape: str | None = None      # loadtests.shapes.SHAPES key: users change over the run
+    shape: str | None = None      # loadlab.loadtests.shapes.SHAPES key: users change over the run
     open_arrivals: bool = False   # constant arrival rate, latency measured from each intended send time
     payload_stages: tuple[int, ...] = ()  # payload sizes stepped through over the run (payload-sweep)
     chaos: str | None = None      # default --chaos plan of the scenario

@@ -10,10 +10,10 @@ import gevent
 from gevent.lock import Semaphore
 from locust import FastHttpUser, User, constant_throughput, task
 
-from loadtests.scenarios import Scenario
-from stack.settings import Settings
-from reports.ledger import HEADER_INTENDED_AT
-from stack.tasks import TASK_ARGS, PayloadArgs, full_name
+from loadlab.loadtests.scenarios import Scenario
+from loadlab.config.settings import Settings
+from loadlab.exporters.ledger import HEADER_INTENDED_AT
+from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
 _celery_apps: dict[int, object] = {}
 _celery_apps_lock = Semaphore()
@@ -30,7 +30,7 @@ def celery_client(settings: Settings):
         with _celery_apps_lock:
             app = _celery_apps.get(key)
             if app is None:
-                from stack.app import make_app
+                from loadlab.stack.app import make_app
 
                 app = make_app(settings)
                 app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)

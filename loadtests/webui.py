@@ -7,7 +7,7 @@ polls every two seconds. The same numbers are served as JSON on ``/celery/stats`
 
 What the tab shows, and where it comes from:
 
-* queue depth (and unacked messages on Redis) — read from the broker by ``exporters.exporter_service.BrokerPoller``
+* queue depth (and unacked messages on Redis) — read from the broker by ``loadlab.exporters.exporter_service.BrokerPoller``
   (Redis: LLEN of the queue and its priority sub-lists; RabbitMQ: a passive ``queue_declare``);
 * workers up — a Celery control ``ping`` with a short timeout;
 * tasks by state, retries, and the publish / queue_wait / execution / end_to_end percentiles — loadlab's run
@@ -56,12 +56,12 @@ from locust import LoadTestShape, User
 from locust.env import Environment
 from locust.event import Events
 
-from loadtests.runner import STOP_TIMEOUT_S, completion_listener
-from loadtests.scenarios import SCENARIOS, Scenario, get_scenario
-from loadtests.users import build_user_classes
-from reports import ledger
-from reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
-from stack.settings import Settings
+from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener
+from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
+from loadlab.loadtests.users import build_user_classes
+from loadlab.exporters import ledger
+from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
+from loadlab.config.settings import Settings
 
 TAB_KEY = "celery"
 STATS_ROUTE = "/celery/stats"
@@ -105,7 +105,7 @@ def scenario_shape_classes(settings: Settings) -> dict[str, LoadTestShape]:
         shape_name = getattr(scenario, "shape", None)
         if not shape_name:
             continue
-        from loadtests.shapes import shape_for
+        from loadlab.loadtests.shapes import shape_for
 
         shape = shape_for(shape_name, settings.users or scenario.users, settings.duration or scenario.duration_s,
                           settings.spawn_rate or scenario.spawn_rate)
@@ -142,7 +142,7 @@ class CeleryMonitor:
     def __init__(self, settings: Settings, *, expected_workers: int | None = None,
                  queue_interval_s: float = QUEUE_INTERVAL_S, ping_interval_s: float = PING_INTERVAL_S,
                  ping_timeout_s: float = PING_TIMEOUT_S):
-        from stack.app import make_app
+        from loadlab.stack.app import make_app
 
         self.settings = settings
         self.queue = settings.queue
@@ -182,7 +182,7 @@ class CeleryMonitor:
             gevent.sleep(max(0.05, interval_s - (time.monotonic() - started)))
 
     def refresh_queue(self) -> None:
-        from exporters.exporter_service import BrokerPoller
+        from loadlab.exporters.exporter_service import BrokerPoller
 
         if self._poller is None:
             self._poller = BrokerPoller(self.app, [self.queue])
@@ -614,9 +614,9 @@ class SwarmWindows:
                 self.console.print(f"[bold red]error:[/] the report of swarm {window.swarm} failed: {_one_line(exc)}")
 
     def _drain_and_report(self, window: Window) -> None:
-        from reports.render import write_rendered
-        from reports.report import build_report, iso_utc, write_json
-        from stack.tasks import retry_policy
+        from loadlab.reports.render import write_rendered
+        from loadlab.reports.report import build_report, iso_utc, write_json
+        from loadlab.stack.tasks import retry_policy
 
         runner = self.environment.runner
         users = getattr(runner, "user_greenlets", None)
@@ -737,8 +737,8 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     draining) and stops every process of the stack."""
     from locust.stats import StatsCSVFileWriter, stats_history
 
-    from reports.report import write_json
-    from stack.supervisor import start_stack
+    from loadlab.reports.report import write_json
+    from loadlab.stack.supervisor import start_stack
 
     # Locust's web UI parses sys.argv with its own parser on every page load (the "custom parameters" of its
     # form): loadlab's flags would make that parser exit, so the process shows it no arguments.

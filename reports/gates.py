@@ -75,8 +75,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from reports.junit import JUnitCase, atomic_write_text, write_junit
-from reports.report import verdict_with_gates
+from loadlab.reports.junit import JUnitCase, atomic_write_text, write_junit
+from loadlab.reports.report import verdict_with_gates
 
 __all__ = [
     "GATE_SUITE",

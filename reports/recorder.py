@@ -13,7 +13,7 @@ from typing import Callable
 
 from hdrh.histogram import HdrHistogram
 
-from reports import ledger
+from loadlab.exporters import ledger
 
 PHASES = ("publish", "queue_wait", "execution", "result_store", "end_to_end")
 REPORT_PHASES = ("publish", "queue_wait", "execution", "end_to_end")

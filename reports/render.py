@@ -6,7 +6,7 @@ import html
 import io
 from pathlib import Path
 
-from reports.recorder import REPORT_PHASES
+from loadlab.reports.recorder import REPORT_PHASES
 
 PHASE_LABELS = {"publish": "publish", "queue_wait": "queue wait", "execution": "execution",
                 "result_store": "result store", "end_to_end": "end to end"}
@@ -134,7 +134,7 @@ def scaling_plot(scaling: dict) -> str | None:
     left.plot(n, [p["completed_per_s"] for p in points], "o", color="#0969da", label="measured (steady window)")
     usl = scaling.get("usl")
     if usl:
-        from reports.scaling import _usl
+        from loadlab.reports.scaling import _usl
 
         top = max(max(n), *(p["n"] for p in scaling.get("predictions", [])))
         xs = [1 + i * (top - 1) / 200 for i in range(201)]

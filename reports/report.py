@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from reports.recorder import REPORT_PHASES
+from loadlab.reports.recorder import REPORT_PHASES
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "report.schema.json"
@@ -18,10 +18,10 @@ SETTINGS_IN_REPORT = ("broker", "backend", "serializer", "compression", "pool", 
 def serialization_totals(text: str) -> dict:
     """Totals of the serialization histograms in one Prometheus exposition (a ``metrics/*.prom`` file):
     ``{serializer: {direction: {"count", "seconds", "bytes"}}}`` from ``celery_task_serialization_seconds``'s
-    ``_count``/``_sum`` and ``celery_task_message_bytes``'s ``_sum`` (names from ``exporters.metrics``)."""
+    ``_count``/``_sum`` and ``celery_task_message_bytes``'s ``_sum`` (names from ``loadlab.exporters.metrics``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporters.metrics import MESSAGE_BYTES, SERIALIZATION
+    from loadlab.exporters.metrics import MESSAGE_BYTES, SERIALIZATION
 
     fields = {SERIALIZATION.name + "_count": "count", SERIALIZATION.name + "_sum": "seconds",
               MESSAGE_BYTES.name + "_sum": "bytes"}
@@ -165,7 +165,7 @@ def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) 
     from their HDR encodings, so percentiles are those of all tasks and not averages of percentiles."""
     from hdrh.histogram import HdrHistogram
 
-    from reports.recorder import histogram_stats_ms, new_histogram
+    from loadlab.reports.recorder import histogram_stats_ms, new_histogram
 
     first = reports[0]
     tasks = {k: sum(r["tasks"].get(k, 0) for r in reports) for k in first["tasks"]}
@@ -203,7 +203,7 @@ def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) 
 
 def empty_report(scenario: str, settings_masked: dict) -> dict:
     """A report with no load (an offline-only analysis): every ledger count zero."""
-    from reports.recorder import histogram_stats_ms, new_histogram
+    from loadlab.reports.recorder import histogram_stats_ms, new_histogram
 
     zero = histogram_stats_ms(new_histogram())
     return {

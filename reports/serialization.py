@@ -37,7 +37,7 @@ from kombu import compression as kombu_compression
 from kombu import serialization as kombu_serialization
 from kombu.utils.encoding import ensure_bytes
 
-from stack.payloads import SHAPES, make_payload, payload_json_bytes
+from loadlab.stack.payloads import SHAPES, make_payload, payload_json_bytes
 
 __all__ = [
     "SHAPES",

@@ -7,51 +7,8 @@ import os
 import platform
 import signal
 import time
-from dataclasses import dataclass, field
 
-from stack.settings import parse_duration, SettingsError
-
-FAULTS = {
-    "kill-worker-child": "SIGKILL one pool process of worker 1 (mid-task under load); the pool replaces it",
-    "kill-worker": "SIGKILL worker 1 and its pool (on Redis: frozen first with the broker's writes paused, so the "
-                   "kill cannot race a delivery); the stack starts it again",
-    "restart-broker": "SIGKILL the embedded Redis broker and start it again on the same port",
-    "restart-api": "SIGKILL the producer API and start it again",
-    "kill-exporter": "SIGKILL the exporter service and start it again",
-}
-
-
-@dataclass
-class Fault:
-    kind: str
-    at_s: float
-    applied_at: float | None = None
-    detail: str = ""
-    recovered_s: float | None = None
-    lost_ids: list[str] = field(default_factory=list)
-
-
-def parse_plan(text: str) -> list[Fault]:
-    """``kind@time,…`` -> faults in time order; a ValueError names the bad part and what is accepted."""
-    faults = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        kind, _, when = part.partition("@")
-        if kind not in FAULTS:
-            raise ValueError(f"--chaos fault {kind!r} is not known; use one of {', '.join(FAULTS)}, as kind@time "
-                             "(e.g. kill-worker@10s).")
-        if not when:
-            raise ValueError(f"--chaos fault {part!r} has no time; write it as {kind}@10s.")
-        try:
-            at_s = parse_duration(when, f"--chaos time of {kind}")
-        except SettingsError as exc:
-            raise ValueError(str(exc)) from None
-        faults.append(Fault(kind, at_s))
-    if not faults:
-        raise ValueError(f"--chaos {text!r} names no fault; use e.g. kill-worker@10s,restart-broker@20s.")
-    return sorted(faults, key=lambda f: f.at_s)
-
+from loadlab.config.settings import FAULTS, Fault, parse_plan  # noqa: F401 - the plan is part of the settings
 
 # kombu's Redis transport takes a message with BRPOP and records it as unacknowledged in a second step: a message
 # between the two when its worker or the broker dies is lost whatever acks_late says (at most one per consumer).
@@ -191,7 +148,7 @@ def _crash_worker_at_rest(worker, broker_url: str) -> str:
 
 
 def apply(fault: Fault, stack, log=print) -> None:
-    """Applies one fault to a running ``stack.supervisor.Stack`` and waits until the stack is whole again."""
+    """Applies one fault to a running ``loadlab.stack.supervisor.Stack`` and waits until the stack is whole again."""
     started = time.monotonic()
     fault.applied_at = time.time()
     if fault.kind == "kill-worker-child":

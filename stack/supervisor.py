@@ -8,9 +8,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from stack import embedded
-from stack.processes import Child
-from stack.settings import Settings
+from loadlab.stack import embedded
+from loadlab.stack.processes import Child
+from loadlab.config.settings import Settings
 
 
 class StartupError(RuntimeError):
@@ -61,7 +61,7 @@ class Stack:
         if self.with_api:
             port = s.api_port or embedded.free_port()
             self.settings = s = s.model_copy(update={"api_url": f"http://127.0.0.1:{port}", "api_port": port})
-            self.api = Child("api", [sys.executable, "-m", "uvicorn", "stack.api:create_app", "--factory",
+            self.api = Child("api", [sys.executable, "-m", "uvicorn", "loadlab.stack.api:create_app", "--factory",
                                      "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
                                      "--log-level", "warning"],
                              self.log_dir / "api.log", env=s.child_env()).start()
@@ -138,7 +138,7 @@ class Stack:
 
     def _worker_child(self, index: int) -> Child:
         s = self.settings
-        command = [sys.executable, "-m", "celery", "-A", "stack.worker_app:app", "worker",
+        command = [sys.executable, "-m", "celery", "-A", "loadlab.stack.worker_app:app", "worker",
                    "--hostname", self.worker_name(index), "--queues", s.queue, "--pool", s.pool, "--concurrency", str(s.concurrency),
                    "--prefetch-multiplier", str(s.prefetch_multiplier), "--loglevel", "INFO",
                    "--without-mingle", "--without-gossip"]
@@ -154,13 +154,13 @@ class Stack:
         s = self.settings
         if s.metrics == "on":
             port = embedded.free_port()
-            self.exporter = Child("exporter", [sys.executable, "-m", "exporters.exporter_service",
+            self.exporter = Child("exporter", [sys.executable, "-m", "loadlab.exporters.exporter_service",
                                                "--host", s.metrics_host, "--port", str(port)],
                                   self.log_dir / "exporter.log", env=s.child_env(ledger_url=None)).start()
             self.endpoints["exporter"] = f"http://{_local(s.metrics_host)}:{port}/metrics"
         if s.flower:
             port = s.flower_port or embedded.free_port()
-            self.flower = Child("flower", [sys.executable, "-m", "celery", "-A", "stack.worker_app:app", "flower",
+            self.flower = Child("flower", [sys.executable, "-m", "celery", "-A", "loadlab.stack.worker_app:app", "flower",
                                            "--address=127.0.0.1", f"--port={port}", "--logging=warning"],
                                 # Flower only watches: no ledger, metric or tracing hooks in its process
                                 self.log_dir / "flower.log",
@@ -177,7 +177,7 @@ class Stack:
     @property
     def app(self):
         if self._app is None:
-            from stack.app import make_app
+            from loadlab.stack.app import make_app
 
             # the supervisor's own control app: no ledger records, no tracer (no exporter thread in this process)
             self._app = make_app(self.settings.model_copy(update={"ledger_url": None, "tracing": "off"}))

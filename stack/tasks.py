@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reports.task_hooks import body_finished
-from stack.payloads import SHAPES, make_body
+from loadlab.exporters.ledger_hooks import body_finished
+from loadlab.stack.payloads import SHAPES, make_body
 
 TASK_PREFIX = "loadlab."
 

@@ -4,8 +4,8 @@ import time
 import httpx
 import pytest
 
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import unique, wait_until
 
 
@@ -70,7 +70,7 @@ def test_status_of_a_non_uuid_is_422(client):
 
 
 def test_openapi_and_healthz(client):
-    from stack.tasks import TASK_ARGS
+    from loadlab.stack.tasks import TASK_ARGS
 
     spec = client.get("/openapi.json").json()
     assert {f"/tasks/{name}" for name in TASK_ARGS} | {"/tasks/{task_id}", "/healthz"} == set(spec["paths"])

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import unique, wait_until
 
 LIMIT = 1_048_576  # the default --api-max-body-bytes

@@ -2,8 +2,8 @@
 name, gate file and command option gets exit 2 and one sentence naming the option, the bad value and what is
 accepted; no traceback; nothing created or started (the --out directory does not even exist afterwards).
 
-Most cases run in one fresh interpreter through click's CliRunner (importing stack.cli patches the process with
-gevent, so never in the pytest process), a few through the real ``loadlab`` executable."""
+Most cases run in one fresh interpreter through click's CliRunner (commands that run Locust patch the process
+with gevent, so never in the pytest process), a few through the real ``loadlab`` executable."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stack.settings import Settings
+from loadlab.config.settings import Settings
 from tests.conftest import LOADLAB, REPO, processes_mentioning
 
 # Fields the CLI sets itself (wiring between processes); SCENARIO has cases of its own below.
@@ -39,7 +39,7 @@ OUT_OF_RANGE = {int: "-5", float: "nan"}
 BATCH = r'''
 import json, os, signal, sys, traceback
 from click.testing import CliRunner
-from stack.cli import main
+from loadlab.cli.main import main
 
 def no_exec(path, argv, env):  # `loadlab api` and `exporter` exec a server: a case must never get that far
     raise RuntimeError("reached execve: " + " ".join(map(str, argv)))

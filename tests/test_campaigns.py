@@ -5,7 +5,7 @@ import re
 import jsonschema
 import pytest
 
-from reports.report import SCHEMA_PATH
+from loadlab.reports.report import SCHEMA_PATH
 from tests.conftest import run_cli
 
 
@@ -59,7 +59,7 @@ def _prom_totals(path, serializer: str) -> tuple[float, float]:
     """(encode + decode seconds, encode + decode count) of ``serializer`` in one final scrape, read independently."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporters.metrics import SERIALIZATION
+    from loadlab.exporters.metrics import SERIALIZATION
 
     seconds = count = 0.0
     for family in text_string_to_metric_families(path.read_text()):

@@ -6,7 +6,7 @@ import re
 import pytest
 from kombu import Connection
 
-from stack.chaos import parse_plan
+from loadlab.stack.chaos import parse_plan
 from tests.conftest import RABBITMQ, need_service, run_cli, unique
 
 

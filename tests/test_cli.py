@@ -38,7 +38,7 @@ def test_environment_values_are_validated_too(tmp_path):
 
 
 def test_scenarios_lists_one_line_each():
-    from loadtests.scenarios import SCENARIOS
+    from loadlab.loadtests.scenarios import SCENARIOS
 
     result = run_cli("scenarios", timeout=60)
     assert result.returncode == 0

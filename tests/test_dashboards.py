@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dashboards import build
-from dashboards.queries import (
+from loadlab.dashboards import build
+from loadlab.dashboards.queries import (
     DASHBOARDS,
     RULES_FILE,
     RULES_TEST_FILE,
@@ -164,9 +164,9 @@ def test_check_reports_unparsable_query():
 def test_module_cli_exit_codes():
     require_promtool()
     root = Path(__file__).resolve().parents[1]
-    ok = subprocess.run([sys.executable, "-m", "dashboards.build", "check"], cwd=root, capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "loadlab.dashboards.build", "check"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    usage = subprocess.run([sys.executable, "-m", "dashboards.build", "bogus"], cwd=root, capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "loadlab.dashboards.build", "bogus"], cwd=root, capture_output=True, text=True)
     assert usage.returncode == 2
 
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dashboards.queries import DASHBOARDS
+from loadlab.dashboards.queries import DASHBOARDS
 from tests.conftest import processes_mentioning, run_cli
 from tests.prometheus_runs import recorded_run
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import REPO, unique
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))

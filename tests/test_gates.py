@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from reports.gates import GateConfigError, GateResult, evaluate, format_markdown, gate_run_dir, load_rules
+from loadlab.reports.gates import GateConfigError, GateResult, evaluate, format_markdown, gate_run_dir, load_rules
 
 
 def _latency(p95: float) -> dict[str, float]:
@@ -143,8 +143,8 @@ def test_gates_run_twice_replace_previous_results(tmp_path: Path) -> None:
 
 def test_a_failed_gate_fails_the_verdict_and_passing_gates_restore_it(tmp_path: Path) -> None:
     """The header of report.html and summary.md must not say PASS above a failed gate."""
-    from reports.render import render_html, render_markdown
-    from reports.report import empty_report
+    from loadlab.reports.render import render_html, render_markdown
+    from loadlab.reports.report import empty_report
 
     run = write_run(tmp_path / "run", {**empty_report("smoke", {}), **make_report(), "serialization": []})
     failing = write_rules(tmp_path, "gates:\n  - metric: tasks.lost\n    max: -1\n", name="failing.yml")

@@ -3,8 +3,8 @@ import subprocess
 import sys
 import textwrap
 
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import unique
 
 
@@ -14,8 +14,8 @@ def test_async_result_get_returns_under_gevent(run_dir):
         script = textwrap.dedent("""
             from gevent import monkey; monkey.patch_all()
             import gevent, sys
-            from stack.app import make_app
-            from stack.settings import Settings
+            from loadlab.stack.app import make_app
+            from loadlab.config.settings import Settings
             app = make_app(Settings.from_env())
             results = [app.send_task("loadlab.io", kwargs={"ms": 20}) for _ in range(30)]
             jobs = [gevent.spawn(r.get, timeout=20) for r in results]

@@ -8,8 +8,8 @@ import threading
 import msgpack
 import redis
 
-from reports.ledger import LedgerSink, channel_key
-from stack import embedded
+from loadlab.exporters.ledger import LedgerSink, channel_key
+from loadlab.stack import embedded
 from tests.conftest import unique, wait_until
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 
-from stack.embedded import free_port
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.stack.embedded import free_port
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import unique, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from celery.utils.dispatch import Signal
 from prometheus_client.mmap_dict import MmapedDict
 
-from exporters import metric_store, metrics, serializers
-from exporters.metric_store import MetricStore
-from stack import task_signals
+from loadlab.exporters import metric_store, metrics, serializers
+from loadlab.exporters.metric_store import MetricStore
+from loadlab.exporters import task_signals
 from tests.conftest import run_cli
 
 # DESIGN.md's task metrics plus the load generator's two: every one must be in a run's scrapes

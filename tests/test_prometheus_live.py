@@ -4,15 +4,15 @@ from a short real run (issue 6, item 3).
 The run is ``loadlab run smoke --prometheus`` (tests/prometheus_runs.py): Prometheus scrapes every /metrics endpoint
 of the run — the exporter, the worker, the producer API and the load generator — each second and evaluates
 dashboards/alerts/celery.rules.yml, waiting (with deadlines) until every endpoint was scraped before the load starts
-and once more after the drain. The test then serves that TSDB again (dashboards.prometheus_runner.open_run) and, for
-every expression of ``dashboards.queries.all_queries()``:
+and once more after the drain. The test then serves that TSDB again (loadlab.stack.prometheus.open_run) and, for
+every expression of ``loadlab.dashboards.queries.all_queries()``:
 
 * it parses and evaluates over the run's window (``/api/v1/query_range``, 1 s steps), no error;
 * every metric it names is one the run's targets exported (``/api/v1/label/__name__/values`` of the scraped series),
   or one Prometheus writes itself per target (``up``, ``scrape_*``);
 * it returns data: at least one series with a finite value somewhere in the window. Dashboard queries as they are.
   Alert expressions are conditions that are false (empty) in a healthy run, so each is proven through its probes
-  (``dashboards.promql.probes``): the operands of its comparisons and ``and``/``or``/``unless``, without the numeric
+  (``loadlab.dashboards.promql.probes``): the operands of its comparisons and ``and``/``or``/``unless``, without the numeric
   thresholds, and the argument of ``absent()`` — e.g. ``CeleryWorkerDown: celery_worker_up == 0`` is proven by
   ``celery_worker_up`` returning data, ``CeleryWorkerMetricsAbsent: absent(celery_worker_up)`` likewise (``absent`` of
   a misspelt metric would return 1, i.e. data, and prove nothing). The full alert expression still has to evaluate.
@@ -29,9 +29,9 @@ import math
 
 import pytest
 
-from dashboards.prometheus_runner import SCRAPE_SERIES, Prometheus, PrometheusError, open_run
-from dashboards.promql import metric_names, probes
-from dashboards.queries import RULES_UID, Query, all_queries
+from loadlab.stack.prometheus import SCRAPE_SERIES, Prometheus, PrometheusError, open_run
+from loadlab.dashboards.promql import metric_names, probes
+from loadlab.dashboards.queries import RULES_UID, Query, all_queries
 from tests.prometheus_runs import recorded_run
 
 # Series Prometheus' rule evaluation writes (alert states): not exported by anything.

@@ -1,14 +1,14 @@
 """The README documents every option, scenario and command a user can give (it is the manual). The CLI is read in
-a child interpreter: importing it patches the process with gevent, which must not leak into the test process."""
+a child interpreter, as a user's shell would load it."""
 import json
 import subprocess
 import sys
 
-from loadtests.scenarios import SCENARIOS
+from loadlab.loadtests.scenarios import SCENARIOS
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
-COMMANDS = ("import json; from stack import cli_docs; from stack.cli import main; "
+COMMANDS = ("import json; from loadlab.cli import docs as cli_docs; from loadlab.cli.main import main; "
             "print(json.dumps({'reference': cli_docs.render(), "
             "'commands': [n for n, _ in cli_docs._commands(main, 'loadlab')]}))")
 
@@ -20,7 +20,7 @@ def _cli_facts() -> dict:
 
 def test_the_option_reference_is_current():
     assert _cli_facts()["reference"] in README, \
-        "README's option reference is stale: paste `python -m stack.cli_docs` in"
+        "README's option reference is stale: paste `python -m loadlab.cli.docs` in"
 
 
 def test_every_command_is_described():

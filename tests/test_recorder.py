@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from reports import ledger
-from reports.recorder import Recorder
+from loadlab.exporters import ledger
+from loadlab.reports.recorder import Recorder
 
 
 def _recorder(**kw):
@@ -101,7 +101,7 @@ def test_queue_depth_keeps_the_last_sample_of_each_bucket():
 
 
 def test_queue_depth_survives_coarsening_as_the_later_sample():
-    from reports.recorder import MAX_BUCKETS
+    from loadlab.reports.recorder import MAX_BUCKETS
 
     r = _recorder()
     _sent(r, "a", 0.0)

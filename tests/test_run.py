@@ -5,7 +5,7 @@ import re
 import jsonschema
 import pytest
 
-from reports.report import SCHEMA_PATH
+from loadlab.reports.report import SCHEMA_PATH
 from tests.conftest import run_cli
 
 

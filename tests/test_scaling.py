@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from reports.scaling import ScalingError, UslFit, fit_usl, knee
+from loadlab.reports.scaling import ScalingError, UslFit, fit_usl, knee
 
 NS = (1, 2, 4, 8, 16, 32)
 LAM, SIGMA, KAPPA = 100.0, 0.05, 0.002

@@ -5,9 +5,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-from stack import embedded
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.stack import embedded
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import run_cli, unique, wait_until
 
 

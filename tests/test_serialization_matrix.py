@@ -10,7 +10,7 @@ import pytest
 from kombu import compression as kc
 from kombu import serialization as ks
 
-from reports.serialization import (
+from loadlab.reports.serialization import (
     COMPRESSIONS,
     SHAPES,
     SIZES,
@@ -182,9 +182,9 @@ def test_measured_totals_count_kombus_own_encodes_and_decodes() -> None:
     as a run's final scrape has them, count exactly the encodes and decodes that happened and their bytes."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporters import serializers
-    from exporters.metrics import STORE
-    from reports.report import serialization_totals
+    from loadlab.exporters import serializers
+    from loadlab.exporters.metrics import STORE
+    from loadlab.reports.report import serialization_totals
 
     def totals() -> dict:
         registry = CollectorRegistry(auto_describe=False)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from stack.settings import SETTINGS_ENV, Settings, SettingsError, mask_url, parse_duration
+from loadlab.config.settings import SETTINGS_ENV, Settings, SettingsError, mask_url, parse_duration
 
 
 def test_precedence_defaults_env_flags(monkeypatch):

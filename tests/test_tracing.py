@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 
-from exporters import tracing
-from stack.settings import Settings
-from stack.supervisor import Stack
+from loadlab.exporters import tracing
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
 from tests.conftest import (MACHINE_REDIS, TEST_QUEUE_PREFIX, need_service, processes_mentioning, run_cli, unique,
                             wait_until)
 from tests.test_metrics import parse_prom, total
@@ -223,9 +223,9 @@ def test_the_result_store_is_one_span_inside_the_run_span_on_a_sql_backend_too(t
 PUBLISH_UNREGISTERED = """
 import json, sys, time
 from celery import signals
-from exporters import tracing
-from stack.app import make_app
-from stack.settings import Settings
+from loadlab.exporters import tracing
+from loadlab.stack.app import make_app
+from loadlab.config.settings import Settings
 
 published_at = {}  # connected before the tracing: runs first, once the broker has the message
 
@@ -327,9 +327,9 @@ monkey.patch_all()
 import sys
 import gevent
 from celery import signals
-from loadtests.users import celery_client
-from stack import task_signals
-from stack.settings import Settings
+from loadlab.loadtests.users import celery_client
+from loadlab.exporters import task_signals
+from loadlab.config.settings import Settings
 
 settings = Settings.build(tracing="all", metrics="off", run_dir=sys.argv[1])
 users = [gevent.spawn(celery_client, settings) for _ in range(8)]
@@ -592,7 +592,7 @@ def test_bench_overhead_runs_the_stacks_side_by_side_and_prints_ratios_to_bare(r
 
 
 def test_bench_overhead_starts_every_configuration_first_and_last_over_its_sessions():
-    from exporters.bench_overhead import CONFIGS, sessions
+    from loadlab.bench.overhead import CONFIGS, sessions
 
     planned = sessions(20, CONFIGS)
     assert [len(rounds) for _, rounds in planned] == [2] * 10  # fresh stacks every two rounds
@@ -606,7 +606,7 @@ def test_bench_overhead_starts_every_configuration_first_and_last_over_its_sessi
 
 
 def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_on_one_side_of_it():
-    from exporters.bench_overhead import median_interval, verdict
+    from loadlab.bench.overhead import median_interval, verdict
 
     around = [0.95, 0.952, 0.948, 0.951, 0.949, 0.953, 0.947, 0.95, 0.951, 0.949]
     low, high = median_interval(around)
@@ -631,7 +631,7 @@ def test_bench_overhead_calls_a_target_met_or_missed_only_when_the_interval_is_o
 
 
 def test_bench_overhead_summarizes_earlier_runs_with_the_same_settings_and_refuses_the_others(tmp_path):
-    from exporters.bench_overhead import CONFIGS, combined, load_earlier, summarize
+    from loadlab.bench.overhead import CONFIGS, combined, load_earlier, summarize
 
     settings = {"tasks": 1000, "paced_tasks": 40, "paced_rate": 40.0, "workers": 1, "concurrency": 2}
 
@@ -679,7 +679,7 @@ def test_bench_overhead_waits_for_results_stored_out_of_order_and_gives_up_at_it
 
     from celery import Celery
 
-    from exporters.bench_overhead import _wait_stored
+    from loadlab.bench.overhead import _wait_stored
 
     need_service("Redis", "127.0.0.1", 6379)
     app = Celery("bench-wait", broker=f"{MACHINE_REDIS}/2", backend=f"{MACHINE_REDIS}/2", set_as_current=False)

@@ -93,7 +93,7 @@ def stop_ui(proc: subprocess.Popen, run_dir: Path, stop_signal=signal.SIGINT) ->
 def validate_report(path: Path) -> dict:
     import jsonschema
 
-    from reports.report import SCHEMA_PATH
+    from loadlab.reports.report import SCHEMA_PATH
 
     report = json.loads(path.read_text())
     jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()),
@@ -367,11 +367,11 @@ ENDPOINT_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     sys.argv[1:] = []  # Locust's web UI parses sys.argv for its form's extra options
-    from loadtests.users import celery_client
-    from loadtests.webui import CeleryMonitor, install_celery_tab, ui_environment
-    from reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
-    from stack.settings import Settings
-    from stack.supervisor import Stack
+    from loadlab.loadtests.users import celery_client
+    from loadlab.loadtests.webui import CeleryMonitor, install_celery_tab, ui_environment
+    from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
+    from loadlab.config.settings import Settings
+    from loadlab.stack.supervisor import Stack
 
     settings = Settings.build(run_id=__RUN_ID__)
     with Stack(settings, Path(__RUN_DIR__), api=False, log=lambda *a: None) as stack:
@@ -452,9 +452,9 @@ LATE_RECORD_SCRIPT = textwrap.dedent("""
     import json, sys, time
     sys.argv[1:] = []
     import msgpack, redis
-    from loadtests.webui import SwarmWindows, ui_environment
-    from reports import ledger
-    from stack.settings import Settings
+    from loadlab.loadtests.webui import SwarmWindows, ui_environment
+    from loadlab.exporters import ledger
+    from loadlab.config.settings import Settings
 
     settings = Settings.build(run_id=__RUN_ID__, ledger_url="redis://127.0.0.1:6379/14")
     client = redis.Redis.from_url(settings.ledger_url)

@@ -11,11 +11,11 @@ from locust import constant
 from locust.env import Environment
 from locust.event import Events
 
-from loadtests.scenarios import Scenario, TaskChoice
-from loadtests.users import build_user_classes, celery_client
-from stack.settings import Settings
-from stack.supervisor import Stack
-from stack.tasks import full_name
+from loadlab.loadtests.scenarios import Scenario, TaskChoice
+from loadlab.loadtests.users import build_user_classes, celery_client
+from loadlab.config.settings import Settings
+from loadlab.stack.supervisor import Stack
+from loadlab.stack.tasks import full_name
 
 NOOP_ONLY = Scenario("bench-publish", "noop publishes", users=1, spawn_rate=1, duration_s=5, rate_per_user=1,
                      mix=(TaskChoice("noop", 1),))

@@ -12,8 +12,8 @@ import time
 
 from celery import signals
 
-from reports import ledger
-from stack import task_signals
+from loadlab.exporters import ledger
+from loadlab.exporters import task_signals
 
 _sink: ledger.LedgerSink | None = None
 _local = threading.local()

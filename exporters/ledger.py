@@ -1,5 +1,5 @@
 """The ledger channel: producers and workers push one small record per event into a Redis list of the run;
-the recorder (``reports.recorder``) pops them. Record layouts are defined here once.
+the recorder (``loadlab.reports.recorder``) pops them. Record layouts are defined here once.
 
 Why a Redis list and not Celery events: it works whatever the broker is (RabbitMQ, SQL backends), costs one
 reply-less RPUSH per event on loopback, keeps arrival order per producer, and survives distributed Locust workers: every

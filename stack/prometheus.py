@@ -15,7 +15,7 @@ Layout of ``RUN_DIR/prometheus/`` (written by :class:`RunPrometheus`):
                     interval and the targets
 ==================  ============================================================================================
 
-Targets come from the same places as the run's final scrape (``exporters.scrape``): ``Stack.endpoints`` (exporter,
+Targets come from the same places as the run's final scrape (``loadlab.exporters.scrape``): ``Stack.endpoints`` (exporter,
 Flower) and ``RUN_DIR/ports/*.json`` (workers, the producer API, the load generator — this process, included here).
 """
 from __future__ import annotations
@@ -36,10 +36,9 @@ from typing import Any, Iterator
 
 import yaml
 
-from stack.embedded import free_port
-from stack.processes import Child
+from loadlab.stack.embedded import free_port
+from loadlab.stack.processes import Child
 
-from .queries import RULES_FILE
 
 log = logging.getLogger("loadlab.prometheus")
 
@@ -239,7 +238,7 @@ class RunPrometheus:
     the load starts); ``finish()`` waits for a scrape after its call (the end of the drain is in the data), stops
     Prometheus cleanly and completes ``meta.json``."""
 
-    def __init__(self, run_dir: Path, stack=None, *, rules_file: Path = RULES_FILE):
+    def __init__(self, run_dir: Path, rules_file: Path, stack=None):
         self.run_dir = Path(run_dir)
         self.stack = stack
         self.dir = self.run_dir / DIR_NAME

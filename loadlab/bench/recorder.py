@@ -13,10 +13,10 @@ def feed_and_build(tasks: int, seed: int = 1) -> dict:
     """Runs in the measured process: every task sent, most succeed, some retry first; then summary + report."""
     import random
 
-    from reports import ledger
-    from reports.recorder import Recorder
-    from reports.render import render_html, render_markdown
-    from reports.report import build_report
+    from loadlab.exporters import ledger
+    from loadlab.reports.recorder import Recorder
+    from loadlab.reports.render import render_html, render_markdown
+    from loadlab.reports.report import build_report
 
     rng = random.Random(seed)
     recorder = Recorder("redis://127.0.0.1:1/0", "bench", max_retries=3)
@@ -51,7 +51,7 @@ def feed_and_build(tasks: int, seed: int = 1) -> dict:
 
 
 def measure(tasks: int) -> dict:
-    code = f"import json; from reports.bench_recorder import feed_and_build; print(json.dumps(feed_and_build({tasks})))"
+    code = f"import json; from loadlab.bench.recorder import feed_and_build; print(json.dumps(feed_and_build({tasks})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

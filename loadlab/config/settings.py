@@ -7,6 +7,7 @@ every child process (workers, API, exporter, Locust) as JSON in ``LOADLAB_SETTIN
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 import json
 import os
 import re
@@ -53,6 +54,49 @@ def parse_duration(text: str | float | int, name: str = "duration") -> float:
     if seconds <= 0:
         raise SettingsError(f"{name} {text!r} must be greater than zero; use forms like 30s, 2m, 1h30m.")
     return seconds
+
+
+# --chaos faults: the plan is a setting (validated with the others); ``loadlab.stack.chaos`` applies it.
+FAULTS = {
+    "kill-worker-child": "SIGKILL one pool process of worker 1 (mid-task under load); the pool replaces it",
+    "kill-worker": "SIGKILL worker 1 and its pool (on Redis: frozen first with the broker's writes paused, so the "
+                   "kill cannot race a delivery); the stack starts it again",
+    "restart-broker": "SIGKILL the embedded Redis broker and start it again on the same port",
+    "restart-api": "SIGKILL the producer API and start it again",
+    "kill-exporter": "SIGKILL the exporter service and start it again",
+}
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_s: float
+    applied_at: float | None = None
+    detail: str = ""
+    recovered_s: float | None = None
+    lost_ids: list[str] = field(default_factory=list)
+
+
+def parse_plan(text: str) -> list[Fault]:
+    """``kind@time,…`` -> faults in time order; a ValueError names the bad part and what is accepted."""
+    faults = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        kind, _, when = part.partition("@")
+        if kind not in FAULTS:
+            raise ValueError(f"--chaos fault {kind!r} is not known; use one of {', '.join(FAULTS)}, as kind@time "
+                             "(e.g. kill-worker@10s).")
+        if not when:
+            raise ValueError(f"--chaos fault {part!r} has no time; write it as {kind}@10s.")
+        try:
+            at_s = parse_duration(when, f"--chaos time of {kind}")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+        faults.append(Fault(kind, at_s))
+    if not faults:
+        raise ValueError(f"--chaos {text!r} names no fault; use e.g. kill-worker@10s,restart-broker@20s.")
+    return sorted(faults, key=lambda f: f.at_s)
 
 
 def mask_url(url: str | None) -> str | None:
@@ -184,8 +228,6 @@ class Settings(BaseSettings):
     @classmethod
     def _chaos_plan(cls, value):
         if value:
-            from stack.chaos import parse_plan
-
             parse_plan(value)  # raises ValueError with the sentence
         return value or None
 

@@ -60,8 +60,8 @@ NOOP = "loadlab.noop"
 # --- producer (a child process per configuration, for the whole bench) -----------------------------------------------
 def serve(warmup: int, watch_pids: list[int]) -> None:
     """Warm up, print ``ready``, then run one slice per JSON line on stdin and print its result as a JSON line."""
-    from stack.app import make_app
-    from stack.settings import Settings
+    from loadlab.stack.app import make_app
+    from loadlab.config.settings import Settings
 
     app = make_app(Settings.from_env())
     watch_pids = [*watch_pids, os.getpid()]
@@ -206,7 +206,7 @@ class ConfigurationStack:
     """One configuration's stack and producer, up for the whole bench; ``run_slice`` gives the producer one turn."""
 
     def __init__(self, base, name: str, metrics: str, tracing: str, run_dir: Path, warmup: int):
-        from stack.supervisor import Stack
+        from loadlab.stack.supervisor import Stack
 
         self.name, self.run_dir, self.warmup = name, run_dir, warmup
         settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
@@ -222,7 +222,7 @@ class ConfigurationStack:
             pids = [child.pid for child in self.stack.children() if child.pid]
             self._producer_log = open(self.run_dir / "producer.log", "w")
             self.producer = subprocess.Popen(
-                [sys.executable, "-m", "exporters.bench_overhead", "serve", "--warmup", str(self.warmup),
+                [sys.executable, "-m", "loadlab.bench.overhead", "serve", "--warmup", str(self.warmup),
                  "--watch-pids", ",".join(map(str, pids))],
                 env=self.stack.settings.child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=self._producer_log, text=True)
@@ -318,7 +318,7 @@ def bench(args) -> dict:
 
     from rich.console import Console
 
-    from stack.settings import Settings
+    from loadlab.config.settings import Settings
 
     console = Console(highlight=False, width=150)
     out = Path(args.out)

@@ -6,7 +6,7 @@ many workers, tasks interleaved (a window of tasks in flight) and each worker's 
 stream time. Fields are the ones Celery puts in each event, with ``timestamp``, ``local_received`` and Lamport
 ``clock`` as ``EventReceiver`` leaves them.
 
-The same list of events goes, at full speed, to loadlab's :class:`~exporters.exporter_service.EventState` (with task
+The same list of events goes, at full speed, to loadlab's :class:`~loadlab.exporters.exporter_service.EventState` (with task
 events counted, its heaviest configuration) and to ``flower.events.EventsState`` (Flower's own defaults), in
 alternating rounds, each on fresh state; the median rate of each and their ratio are printed, with bare
 ``celery.events.state.State`` as a reference. Both are checked to
@@ -114,7 +114,7 @@ def generate_stream(n_events: int, *, workers: int = 12, task_names: int = 60, i
 
 
 def _time_loadlab(events: list[dict]) -> tuple[float, object]:
-    from exporters.exporter_service import EventState
+    from loadlab.exporters.exporter_service import EventState
 
     state = EventState(task_events=True)
     handle = state.handle

@@ -1,0 +1,1 @@
+"""Benchmarks: ``loadlab bench …``, each printing ratios measured side by side with a verdict."""

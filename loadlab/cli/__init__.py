@@ -1,0 +1,1 @@
+"""The ``loadlab`` command: the composition root, one module per command group."""

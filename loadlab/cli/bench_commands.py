@@ -1,0 +1,101 @@
+"""``loadlab bench …``: side-by-side benchmarks (the measuring code is in ``loadlab.bench``)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loadlab.cli.common import (EXIT_FAILED, EXIT_OK, UsageError, build_settings, console, install_stop_signals,
+                                int_list, patch_for_locust, run_dir_for, stack_options)
+
+
+@click.group()
+def bench():
+    """Side-by-side benchmarks that print ratios measured in one run."""
+
+
+@bench.command("publish")
+@stack_options
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="A B rounds")
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds per side")
+@click.option("--out", default=None, help="Directory for the stack's logs")
+def bench_publish_command(rounds, seconds, out, **options):
+    """Raw send_task loop against the Locust Celery user, same stack, one process; prints rates and the ratio."""
+    patch_for_locust()
+    from loadlab.bench.publish import bench_publish
+
+    settings = build_settings(**options)
+    run_dir = run_dir_for(out, "bench-publish")
+    settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
+    install_stop_signals()
+    result = bench_publish(settings, run_dir, rounds, seconds, console)
+    console.print(f"publish rate: raw send_task {result['raw_per_s']:.0f}/s, Locust Celery user "
+                  f"{result['user_per_s']:.0f}/s; ratio {result['ratio']:.3f} "
+                  f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}; target >= 0.90)")
+
+
+@bench.command("recorder")
+@click.option("--sizes", default="100000,1000000", show_default=True, help="Task counts, each in a fresh process")
+def bench_recorder_command(sizes):
+    """Synthetic task records through the recorder and report builder: RSS ratio and 1M build time."""
+    from loadlab.bench.recorder import measure
+
+    counts = int_list("--sizes", sizes)
+    results = []
+    for count in counts:
+        with console.status(f"{count:,} task records…"):
+            results.append(measure(count))
+        r = results[-1]
+        console.print(f"{r['tasks']:>9,} tasks: feed {r['feed_s']:.2f}s, build {r['build_s']:.2f}s, "
+                      f"peak RSS {r['peak_rss_mb']:.1f} MB")
+    if len(results) >= 2:
+        console.print(f"RSS ratio {results[-1]['tasks']:,} : {results[0]['tasks']:,} = "
+                      f"{results[-1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.3f} (target <= 1.1); "
+                      f"build time of the largest {results[-1]['build_s']:.2f}s (target <= 10 s)")
+
+
+@bench.command("overhead")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Rounds of a burst and a paced phase per stack, the order rotated each round")
+@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each burst (throughput)")
+@click.option("--paced-tasks", default=40, show_default=True, type=click.IntRange(min=10), help="Tasks of each paced phase (p50)")
+@click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes per stack")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
+@click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
+@click.option("--with-earlier", multiple=True, metavar="PATH", help="bench.json (or its directory) of an earlier run with the same settings, summarized with this run's rounds (repeatable)")
+def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out, with_earlier):
+    """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, and a second bare stack as the A/A
+    control: five stacks side by side taking turns; throughput, p50 and CPU per task, each as a ratio to bare with
+    its 95% confidence interval."""
+    import subprocess
+
+    from loadlab.bench.overhead import load_earlier
+
+    try:  # before any stack starts: a wrong file is refused at once
+        load_earlier(list(with_earlier), {"tasks": tasks, "paced_tasks": paced_tasks, "paced_rate": paced_rate,
+                                          "workers": workers, "concurrency": concurrency})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    run_dir = run_dir_for(out, "bench-overhead")
+    # a clean interpreter for the measuring process: nothing of the CLI loaded in it
+    code = subprocess.call([sys.executable, "-m", "loadlab.bench.overhead", "bench", "--rounds", str(rounds),
+                            "--tasks", str(tasks), "--paced-tasks", str(paced_tasks), "--paced-rate", str(paced_rate),
+                            "--workers", str(workers), "--concurrency", str(concurrency), "--out", str(run_dir),
+                            *(f"--with-earlier={path}" for path in with_earlier)])
+    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
+
+
+@bench.command("exporter")
+@click.option("--events", default=50_000, show_default=True, type=click.IntRange(min=1000), help="Events in the stream")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Alternating rounds")
+@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the generated stream")
+@click.option("--out", default=None, help="Directory for bench.json (default reports/runs/<UTC-timestamp>-bench-exporter/)")
+def bench_exporter(events, rounds, seed, out):
+    """loadlab's event handling vs Flower's EventsState on one generated stream: events/s each and the ratio."""
+    import subprocess
+
+    run_dir = run_dir_for(out, "bench-exporter")
+    # a clean interpreter for the measuring process (never gevent-patched: patched locks would slow Flower's handler)
+    code = subprocess.call([sys.executable, "-m", "loadlab.bench.events", "--events", str(events),
+                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir)])
+    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
