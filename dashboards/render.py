@@ -26,7 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from loadlab.reports.report import REPORT_FILE
 from loadlab.stack.prometheus import Prometheus, StoredRun, open_run
+
 from .queries import DASHBOARDS, expand
 from .spec import DashboardSpec, PanelSpec
 
@@ -315,7 +317,7 @@ main{display:grid;grid-template-columns:repeat(24,1fr);gap:8px;padding:10px}
 
 def _load_span(run_dir: Path) -> tuple[float, float] | None:
     try:
-        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        report = json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))
         start = datetime.fromisoformat(report["started_at"].replace("Z", "+00:00")).timestamp()
         return start, start + float(report["duration_s"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -324,7 +326,7 @@ def _load_span(run_dir: Path) -> tuple[float, float] | None:
 
 def _scenario(run_dir: Path) -> str:
     try:
-        return str(json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("scenario") or "")
+        return str(json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8")).get("scenario") or "")
     except (OSError, ValueError):
         return ""
 

@@ -12,8 +12,7 @@ import time
 
 from celery import signals
 
-from loadlab.exporters import ledger
-from loadlab.exporters import task_signals
+from loadlab.exporters import ledger, task_signals
 
 _sink: ledger.LedgerSink | None = None
 _local = threading.local()

@@ -186,9 +186,9 @@ def fast_path_possible() -> bool:
 
 @functools.cache  # one class: contrib's instrumentors are singletons per class
 def celery_instrumentor_class():
-    from opentelemetry import baggage, context, trace
     from time import time_ns
 
+    from opentelemetry import baggage, context, trace
     from opentelemetry.instrumentation.celery import CeleryInstrumentor, utils
     from opentelemetry.sdk.trace import Tracer as SdkTracer
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased

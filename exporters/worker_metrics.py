@@ -32,9 +32,9 @@ from pathlib import Path
 
 from celery import signals
 
-from loadlab.exporters.metrics import INSTRUMENTS, STORE
-from loadlab.exporters.ledger import HEADER_ATTEMPT_SENT_AT
 from loadlab.exporters import task_signals
+from loadlab.exporters.ledger import HEADER_ATTEMPT_SENT_AT
+from loadlab.exporters.metrics import INSTRUMENTS, STORE
 
 log = logging.getLogger("loadlab.metrics")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadlab.loadtests.headless import execute_run
-from loadlab.reports.scaling import ScalingError, fit_usl, knee
 from loadlab.config.settings import Settings
+from loadlab.loadtests.headless import execute_run
+from loadlab.reports.report import REPORT_FILE
+from loadlab.reports.scaling import ScalingError, fit_usl, knee
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -130,4 +131,4 @@ def inband_row(report: dict, serializer: str, size: int, shape: str, offline_row
 def _point_run_scenario(settings: Settings, run_dir: Path, console: Console, scenario) -> dict | None:
     if execute_run(settings, run_dir, console=console, scenario=scenario) != EXIT_OK:
         return None
-    return json.loads((run_dir / "report.json").read_text())
+    return json.loads((run_dir / REPORT_FILE).read_text())

@@ -1,26 +1,24 @@
 """A headless run: stack up -> Locust -> load stops -> drain -> run directory written -> stack down."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics, tracing
 from loadlab.exporters.scrape import scrape_all
+from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler
 from loadlab.loadtests.runner import LocustRun, completion_listener
 from loadlab.loadtests.scenarios import Scenario, get_scenario
 from loadlab.reports.recorder import Recorder
-from loadlab.reports.render import write_rendered
-from loadlab.reports.report import build_report, measured_serialization, serialization_totals, write_json
-from loadlab.config.settings import Settings
+from loadlab.reports.report import measured_serialization, serialization_totals, write_json
+from loadlab.reports.session import RunSession
 from loadlab.stack.supervisor import Stack, start_stack
-from loadlab.stack.tasks import retry_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-QUEUE_SAMPLE_INTERVAL_S = 1.0
 
 
 def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: Scenario | None = None) -> int:
@@ -57,7 +55,15 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     # this process's serialization counts so far (earlier runs of a campaign): the run's own are the difference
     own_serialization_before = serialization_totals(_own_metrics_text()) if settings.metrics == "on" else None
     chaos = prometheus = None
-    sampler = QueueDepthSampler(stack.app, settings.queue, recorder.observe_queue_depth).start()
+    session = RunSession(settings, recorder, stack.app, run_dir, scenario.name)
+    queue_depth = QueueDepthStats()
+
+    def on_queue_sample(at: float, depth: int | None) -> None:
+        queue_depth.observe(depth, sampler.state["error"])
+        if depth is not None:
+            recorder.observe_queue_depth(at, depth)
+
+    sampler = QueueSampler(stack.app, settings.queue, settings.queue_sample_interval_s, on_queue_sample).start()
     try:
         if settings.prometheus:  # after serve(): the load generator's own endpoint is a target too
             from loadlab.dashboards.queries import RULES_FILE
@@ -90,10 +96,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
             progress.update(bar, completed=1.0)
             recorder.mark_load_stopped(load.stopped_at)
             drain = progress.add_task(f"drain (≤ {settings.drain_timeout_s:g}s)", total=None, detail="")
-            drained = recorder.drain(settings.drain_timeout_s,
-                                     tick=lambda left: progress.update(drain, detail=f"{left} in flight"))
-        if not drained:
-            recorder.reconcile(stack.app)
+            session.drain(tick=lambda left: progress.update(drain, detail=f"{left} in flight"))
     finally:
         sampler.stop()  # takes a last sample first: the queue as the drain left it
         if chaos is not None:
@@ -101,7 +104,6 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
         if prometheus is not None:
             prometheus.finish()  # after the drain: its end is in the data
         recorder.close()
-    recorded = recorder.summary()
     load.write_final_csv()  # now with the end_to_end events of every task that finished after the load stopped
     chaos_section = None
     if chaos is not None:
@@ -119,14 +121,11 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                                baselines={"loadgen": own_serialization_before})
     if settings.tracing != "off" and not tracing.exports_otlp():
         artefacts["traces (OTLP JSON lines)"] = tracing.TRACES_FILE
-    report = build_report(scenario=scenario.name, settings_masked=settings.masked(), started_at=load.started_at,
-                          load_stopped_at=load.stopped_at, recorded=recorded, locust=load.stats(),
-                          retry_policy=retry_policy(settings), drained=drained,
-                          extra={"artefacts": artefacts, "queue_depth_sampling": sampler.summary(),
-                                 "serialization_measured": serialization,
-                                 **({"chaos": chaos_section} if chaos_section else {})})
-    write_json(run_dir / "report.json", report)
-    write_rendered(run_dir, report)
+    report = session.write(started_at=load.started_at, locust=load.stats(),
+                           extra={"artefacts": artefacts,
+                                  "queue_depth_sampling": queue_depth.summary(sampler, "the run's broker poll"),
+                                  "serialization_measured": serialization,
+                                  **({"chaos": chaos_section} if chaos_section else {})})
     _print_summary(report, run_dir, console)
     return EXIT_OK
 
@@ -140,77 +139,6 @@ def _own_metrics_text() -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(STORE.collector())
     return generate_latest(registry).decode()
-
-
-class QueueDepthSampler:
-    """The broker's queue depth while a run goes on: the run's queue polled about once a second through the
-    exporter's probe (``BrokerPoller``: Redis ``LLEN`` of the list and its priority sub-lists; other transports a
-    passive ``queue_declare``), each sample handed to ``on_sample(epoch_seconds, depth)``.
-
-    It runs in a thread of its own, which is a greenlet in this process (the CLI patches with gevent; redis-py and
-    amqp then use cooperative sockets), so a slow or dead broker never holds up the load: a failed poll is counted,
-    the connection dropped and the next round reconnects. ``stop()`` takes one last sample (the queue as the drain
-    left it) and returns within a bounded time."""
-
-    def __init__(self, app, queue: str, on_sample, interval_s: float = QUEUE_SAMPLE_INTERVAL_S):
-        from loadlab.exporters.exporter_service import BrokerPoller
-
-        self.queue = queue
-        self.on_sample = on_sample
-        self.interval_s = interval_s
-        self.poller = BrokerPoller(app, [queue])
-        with app.connection_for_read() as conn:  # names the transport; opens no socket
-            self.transport = conn.transport.driver_type
-        self.samples = self.errors = 0
-        self.peak: int | None = None
-        self.last: int | None = None
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "QueueDepthSampler":
-        self._thread = threading.Thread(target=self._loop, name="loadlab-queue-depth", daemon=True)
-        self._thread.start()
-        return self
-
-    def sample(self) -> int | None:
-        at = time.time()
-        try:
-            polled = self.poller.poll()
-        except Exception as exc:  # noqa: BLE001 - a broker restart (chaos) or outage: count it, try next round
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-            self.poller.reset()
-            return None
-        depth = int(polled["length"].get(self.queue, 0))
-        self.samples += 1
-        self.last = depth
-        self.peak = depth if self.peak is None else max(self.peak, depth)
-        self.on_sample(at, depth)
-        return depth
-
-    def _loop(self) -> None:
-        next_at = time.monotonic()
-        while True:
-            self.sample()
-            next_at += self.interval_s  # a fixed rate: one sample per one-second time-series bucket
-            now = time.monotonic()
-            if next_at < now:
-                next_at = now
-            if self._stop.wait(next_at - now):
-                break
-        self.sample()
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)  # a poll is bounded by the broker's connect and socket timeouts
-        self.poller.reset()
-
-    def summary(self) -> dict:
-        return {"queue": self.queue, "transport": self.transport, "interval_s": self.interval_s,
-                "statistic": "last", "samples": self.samples, "errors": self.errors, "peak": self.peak,
-                "last": self.last, "last_error": self.last_error}
 
 
 class _ChaosRun:

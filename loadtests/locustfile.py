@@ -8,11 +8,11 @@ is set, the master (or the single local process) follows the run's ledger and fi
 from locust import events
 from locust.runners import WorkerRunner
 
+from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics
 from loadlab.loadtests.runner import completion_listener
 from loadlab.loadtests.scenarios import get_scenario
 from loadlab.loadtests.users import build_user_classes
-from loadlab.config.settings import Settings
 
 settings = Settings.from_env()
 scenario = get_scenario(settings.scenario)

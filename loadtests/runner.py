@@ -12,12 +12,12 @@ from locust.env import Environment
 from locust.event import Events
 from locust.stats import StatsCSVFileWriter, stats_history
 
+from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.shapes import shape_for
 from loadlab.loadtests.users import build_user_classes
 from loadlab.stack.embedded import free_port
 from loadlab.stack.processes import Child
-from loadlab.config.settings import Settings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 

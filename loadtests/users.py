@@ -10,9 +10,9 @@ import gevent
 from gevent.lock import Semaphore
 from locust import FastHttpUser, User, constant_throughput, task
 
-from loadlab.loadtests.scenarios import Scenario
 from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
+from loadlab.loadtests.scenarios import Scenario
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
 _celery_apps: dict[int, object] = {}

@@ -56,17 +56,18 @@ from locust import LoadTestShape, User
 from locust.env import Environment
 from locust.event import Events
 
+from loadlab.config.settings import Settings
+from loadlab.exporters import ledger
+from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
 from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
 from loadlab.loadtests.users import build_user_classes
-from loadlab.exporters import ledger
 from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
-from loadlab.config.settings import Settings
+from loadlab.reports.session import RunSession
 
 TAB_KEY = "celery"
 STATS_ROUTE = "/celery/stats"
 CSV_ROUTE = "/celery/stats/csv"
-QUEUE_INTERVAL_S = 1.0
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 1.0
 TABLE_STRUCTURE = [
@@ -140,35 +141,31 @@ class CeleryMonitor:
     """Caches queue depth and worker pings, refreshed by two greenlets (``start``) or on demand (``refresh_*``)."""
 
     def __init__(self, settings: Settings, *, expected_workers: int | None = None,
-                 queue_interval_s: float = QUEUE_INTERVAL_S, ping_interval_s: float = PING_INTERVAL_S,
+                 ping_interval_s: float = PING_INTERVAL_S,
                  ping_timeout_s: float = PING_TIMEOUT_S):
         from loadlab.stack.app import make_app
 
         self.settings = settings
         self.queue = settings.queue
         self.expected_workers = expected_workers
-        self.queue_interval_s = queue_interval_s
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         # no ledger hooks: the monitor publishes control messages only
         self.app = make_app(settings.model_copy(update={"ledger_url": None}))
-        self._poller = None
-        # called with (epoch seconds, depth) after each poll, depth None when it failed: the reports' queue depth
-        self.on_queue_sample: Callable[[float, int | None], None] | None = None
-        self.queue_state: dict = {"depth": None, "unacked": None, "error": None, "at": None}
+        # its on_sample (epoch seconds, depth; depth None when the poll failed) feeds the reports' queue depth
+        self.queue_sampler = QueueSampler(self.app, self.queue, settings.queue_sample_interval_s)
         self.worker_state: dict = {"up": None, "names": [], "error": None, "at": None}
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> "CeleryMonitor":
-        self._greenlets = [gevent.spawn(self._every, self.queue_interval_s, self.refresh_queue),
-                           gevent.spawn(self._every, self.ping_interval_s, self.refresh_workers)]
+        self.queue_sampler.start()
+        self._greenlets = [gevent.spawn(self._every, self.ping_interval_s, self.refresh_workers)]
         return self
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, timeout=5)
         self._greenlets = []
-        if self._poller is not None:
-            self._poller.reset()
+        self.queue_sampler.stop()
         try:
             self.app.close()
         except Exception:  # noqa: BLE001
@@ -182,29 +179,17 @@ class CeleryMonitor:
             gevent.sleep(max(0.05, interval_s - (time.monotonic() - started)))
 
     def refresh_queue(self) -> None:
-        from loadlab.exporters.exporter_service import BrokerPoller
+        self.queue_sampler.sample()
 
-        if self._poller is None:
-            self._poller = BrokerPoller(self.app, [self.queue])
-        try:
-            polled = self._poller.poll()
-        except Exception as exc:  # noqa: BLE001 - shown in the tab; the next round reconnects
-            self._poller.reset()
-            self.queue_state = {**self.queue_state, "error": _one_line(exc), "at": time.time()}
-            if self.on_queue_sample is not None:
-                self.on_queue_sample(self.queue_state["at"], None)
-            return
-        unacked = polled.get("unacked") or {}
-        self.queue_state = {"depth": int(polled["length"].get(self.queue, 0)),
-                            "unacked": sum(unacked.values()) if unacked else None, "error": None, "at": time.time()}
-        if self.on_queue_sample is not None:
-            self.on_queue_sample(self.queue_state["at"], self.queue_state["depth"])
+    @property
+    def queue_state(self) -> dict:
+        return self.queue_sampler.state
 
     def refresh_workers(self) -> None:
         try:
             replies = self.app.control.ping(timeout=self.ping_timeout_s) or []
         except Exception as exc:  # noqa: BLE001
-            self.worker_state = {**self.worker_state, "error": _one_line(exc), "at": time.time()}
+            self.worker_state = {**self.worker_state, "error": one_line(exc), "at": time.time()}
             return
         names = sorted({name for reply in replies for name in reply})
         self.worker_state = {"up": len(names), "names": names, "error": None, "at": time.time()}
@@ -214,9 +199,6 @@ class CeleryMonitor:
                 "workers": {"expected": self.expected_workers, **self.worker_state}}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 # --- the tab ------------------------------------------------------------------------------------------------------
@@ -405,10 +387,7 @@ class Window:
     discarded_at: float | None = None
     report_dir: Path | None = None
     locust: dict | None = None
-    queue_samples: int = 0
-    queue_errors: int = 0
-    queue_peak: int | None = None
-    queue_last: int | None = None
+    queue: QueueDepthStats = field(default_factory=QueueDepthStats)
 
 
 class SwarmWindows:
@@ -418,14 +397,14 @@ class SwarmWindows:
 
     def __init__(self, settings: Settings, run_dir: Path, environment: Environment, *, console=None, app=None,
                  on_completion: Callable[[str, str, float | None], None] | None = None,
-                 scenario_names: dict[str, str] | None = None, queue_sampled: bool = False):
+                 scenario_names: dict[str, str] | None = None, queue_sampler: QueueSampler | None = None):
         self.settings = settings
         self.run_dir = Path(run_dir)
         self.environment = environment
         self.console = console
         self.app = app  # for reconcile(): the result backend of tasks the ledger never saw finish
         self.on_completion = on_completion
-        self.queue_sampled = queue_sampled  # observe_queue_depth is fed (by the monitor) about once a second
+        self.queue_sampler = queue_sampler  # it feeds observe_queue_depth; None: no queue depth in the reports
         self.scenario_names = scenario_names or {_prefix(sc): sc.name for sc in SCENARIOS.values()}
         self.key = ledger.channel_key(settings.run_id)
         self.windows: list[Window] = []
@@ -535,15 +514,12 @@ class SwarmWindows:
 
     def observe_queue_depth(self, at: float, depth: int | None) -> None:
         """A queue depth sample (None: the poll failed) for every window still measuring."""
+        error = self.queue_sampler.state["error"] if self.queue_sampler is not None else None
         for window in self.windows:
             if window.recorder is not None and window.state in ("idle", "running", "draining"):
-                if depth is None:
-                    window.queue_errors += 1
-                    continue
-                window.recorder.observe_queue_depth(at, depth)
-                window.queue_samples += 1
-                window.queue_last = depth
-                window.queue_peak = depth if window.queue_peak is None else max(window.queue_peak, depth)
+                window.queue.observe(depth, error)
+                if depth is not None:
+                    window.recorder.observe_queue_depth(at, depth)
 
     # --- Locust's events -----------------------------------------------------------------------------------------
     def install(self) -> "SwarmWindows":
@@ -608,15 +584,14 @@ class SwarmWindows:
         try:
             self._drain_and_report(window)
         except Exception as exc:  # noqa: BLE001 - say so; the UI and the next swarms go on
-            self.errors.append(f"swarm {window.swarm}: {_one_line(exc)}")
+            self.errors.append(f"swarm {window.swarm}: {one_line(exc)}")
             window.state = "reported"
             if self.console is not None:
-                self.console.print(f"[bold red]error:[/] the report of swarm {window.swarm} failed: {_one_line(exc)}")
+                self.console.print(f"[bold red]error:[/] the report of swarm {window.swarm} failed: {one_line(exc)}")
 
     def _drain_and_report(self, window: Window) -> None:
         from loadlab.reports.render import write_rendered
-        from loadlab.reports.report import build_report, iso_utc, write_json
-        from loadlab.stack.tasks import retry_policy
+        from loadlab.reports.report import iso_utc
 
         runner = self.environment.runner
         users = getattr(runner, "user_greenlets", None)
@@ -624,40 +599,28 @@ class SwarmWindows:
             users.join(timeout=STOP_TIMEOUT_S + 1)
         recorder = window.recorder
         recorder.mark_load_stopped()
-        drained = recorder.drain(self.settings.drain_timeout_s)
-        if not drained and self.app is not None:
-            recorder.reconcile(self.app)
-        if self.queue_sampled:  # the queue as the drain left it: wait for the monitor's next sample
-            samples, deadline = window.queue_samples, time.monotonic() + 2.5 * QUEUE_INTERVAL_S
-            while window.queue_samples == samples and time.monotonic() < deadline:
-                gevent.sleep(0.1)
+        session = RunSession(self.settings, recorder, self.app, window.report_dir, window.scenario)
+        session.drain()
+        if self.queue_sampler is not None:  # the queue as the drain left it
+            self.queue_sampler.wait_for_next_sample(2.5 * self.queue_sampler.interval_s)
         recorder.close()
         if self.current is window:  # Locust's table is still this swarm's: with the end_to_end of the drain
             window.locust = self._locust_now(window)
-        s = self.settings
-        report = build_report(
-            scenario=window.scenario, settings_masked=s.masked(), started_at=window.started_at,
-            load_stopped_at=recorder.load_stopped_at, recorded=recorder.summary(), locust=window.locust,
-            retry_policy=retry_policy(s), drained=drained,
-            extra={"artefacts": {"Locust CSV of the swarm": "locust/", "settings": "../settings.json",
-                                 "process logs": "../logs/", "Locust CSV history of the UI session": "../locust/"},
-                   "queue_depth_sampling": {"queue": s.queue, "transport": self._transport(),
-                                            "source": "the Celery tab's broker poll", "interval_s": QUEUE_INTERVAL_S,
-                                            "statistic": "last", "samples": window.queue_samples,
-                                            "errors": window.queue_errors, "peak": window.queue_peak,
-                                            "last": window.queue_last},
-                   "ui": {"swarm": window.swarm, "counted_from": COUNTED_FROM[window.counted_from],
-                          "window_started_at": iso_utc(window.started_at), "user_classes": window.user_classes,
-                          "shape": window.shape,
-                          # in tasks.submitted, not in Locust's table: a user stopped between the broker's accept
-                          # and its ledger record / request event (Locust kills users that wait, and one that was
-                          # just waking up dies in its next publish)
-                          "submitted_without_sent_record": recorder.adopted}})
-        window.report_dir.mkdir(parents=True, exist_ok=True)
-        write_json(window.report_dir / "report.json", report)
+        extra = {"artefacts": {"Locust CSV of the swarm": "locust/", "settings": "../settings.json",
+                               "process logs": "../logs/", "Locust CSV history of the UI session": "../locust/"},
+                 "ui": {"swarm": window.swarm, "counted_from": COUNTED_FROM[window.counted_from],
+                        "window_started_at": iso_utc(window.started_at), "user_classes": window.user_classes,
+                        "shape": window.shape,
+                        # in tasks.submitted, not in Locust's table: a user stopped between the broker's accept
+                        # and its ledger record / request event (Locust kills users that wait, and one that was
+                        # just waking up dies in its next publish)
+                        "submitted_without_sent_record": recorder.adopted}}
+        if self.queue_sampler is not None:
+            extra["queue_depth_sampling"] = window.queue.summary(self.queue_sampler, "the Celery tab's broker poll")
         # matplotlib's plots take a second or more of CPU: in a native thread the event loop goes on serving the UI
         # and the next swarm meanwhile (the GIL is handed over every few ms), where in a greenlet it would stall both
-        gevent.get_hub().threadpool.apply(write_rendered, (window.report_dir, report))
+        report = session.write(started_at=window.started_at, locust=window.locust, extra=extra,
+                               render=lambda path, data: gevent.get_hub().threadpool.apply(write_rendered, (path, data)))
         window.state = "reported"
         self.reports.append(window.report_dir)
         self._prune()
@@ -669,15 +632,6 @@ class SwarmWindows:
                 f"retried {t['retried']}  lost {t['lost']}")
             # one line whatever the terminal's width: the path stays copyable
             self.console.print(f"report: {window.report_dir / 'report.html'}", soft_wrap=True, markup=False)
-
-    def _transport(self) -> str | None:
-        if self.app is None:
-            return None
-        try:
-            with self.app.connection_for_read() as conn:  # names the transport; opens no socket
-                return conn.transport.driver_type
-        except Exception:  # noqa: BLE001
-            return None
 
     def window_info(self) -> dict:
         """The shown window for the tab: which swarm, since when it counts, and where its report is."""
@@ -756,9 +710,9 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
         env = ui_environment(s, csv_prefix=csv_prefix)
         runner = env.create_local_runner()
         monitor = CeleryMonitor(s, expected_workers=s.workers)
-        windows = SwarmWindows(s, run_dir, env, console=console, app=monitor.app, queue_sampled=True,
+        windows = SwarmWindows(s, run_dir, env, console=console, app=monitor.app, queue_sampler=monitor.queue_sampler,
                                on_completion=completion_listener(env)).install().start()
-        monitor.on_queue_sample = windows.observe_queue_depth
+        monitor.queue_sampler.on_sample = windows.observe_queue_depth
         monitor.start()
         writer = StatsCSVFileWriter(env, [0.5, 0.9, 0.95, 0.99, 1.0], csv_prefix, full_history=True)
         web_ui = env.create_web_ui("127.0.0.1", web_port, delayed_start=True, userclass_picker_is_active=True,

@@ -76,7 +76,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loadlab.reports.junit import JUnitCase, atomic_write_text, write_junit
-from loadlab.reports.report import verdict_with_gates
+from loadlab.reports.report import REPORT_FILE, verdict_with_gates
 
 __all__ = [
     "GATE_SUITE",
@@ -90,7 +90,6 @@ __all__ = [
 ]
 
 GATE_SUITE = "loadlab.gates"
-REPORT_FILE = "report.json"
 JUNIT_FILE = "junit.xml"
 
 Direction = Literal["higher_is_worse", "lower_is_worse"]

@@ -165,6 +165,7 @@ class Recorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.closed = False  # close() pops the last records: after it, what the report is built from
 
     # --- consuming -----------------------------------------------------------------------------------------------
     def _redis(self):
@@ -198,6 +199,7 @@ class Recorder:
         return len(items)
 
     def close(self) -> None:
+        self.closed = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -10,6 +10,7 @@ from pathlib import Path
 from loadlab.reports.recorder import REPORT_PHASES
 
 SCHEMA_VERSION = 1
+REPORT_FILE = "report.json"  # in every run directory (and each swarm-NNN/ of the web UI)
 SCHEMA_PATH = Path(__file__).parent / "schema" / "report.schema.json"
 SETTINGS_IN_REPORT = ("broker", "backend", "serializer", "compression", "pool", "concurrency", "workers",
                       "prefetch_multiplier", "acks_late", "tracing", "metrics")
@@ -157,7 +158,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def load_report(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "report.json").read_text())
+    return json.loads((Path(run_dir) / REPORT_FILE).read_text())
 
 
 def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) -> dict:

@@ -21,9 +21,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loadlab.config.settings import Settings
 from loadlab.exporters import api_metrics, tracing
 from loadlab.stack.app import make_app
-from loadlab.config.settings import Settings
 from loadlab.stack.tasks import TASK_ARGS, full_name
 
 TASK_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"

@@ -4,9 +4,9 @@ from __future__ import annotations
 from celery import Celery
 from celery.utils.imports import symbol_by_name
 
-from loadlab.exporters import ledger_hooks
 from loadlab.config.celery_config import celery_config, use_stack_urls
 from loadlab.config.settings import Settings
+from loadlab.exporters import ledger_hooks
 from loadlab.stack.tasks import register_tasks
 
 

@@ -39,7 +39,6 @@ import yaml
 from loadlab.stack.embedded import free_port
 from loadlab.stack.processes import Child
 
-
 log = logging.getLogger("loadlab.prometheus")
 
 DIR_NAME = "prometheus"

@@ -8,9 +8,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from loadlab.config.settings import Settings
 from loadlab.stack import embedded
 from loadlab.stack.processes import Child
-from loadlab.config.settings import Settings
 
 
 class StartupError(RuntimeError):

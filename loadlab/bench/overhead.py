@@ -60,8 +60,8 @@ NOOP = "loadlab.noop"
 # --- producer (a child process per configuration, for the whole bench) -----------------------------------------------
 def serve(warmup: int, watch_pids: list[int]) -> None:
     """Warm up, print ``ready``, then run one slice per JSON line on stdin and print its result as a JSON line."""
-    from loadlab.stack.app import make_app
     from loadlab.config.settings import Settings
+    from loadlab.stack.app import make_app
 
     app = make_app(Settings.from_env())
     watch_pids = [*watch_pids, os.getpid()]

@@ -11,9 +11,9 @@ from locust import constant
 from locust.env import Environment
 from locust.event import Events
 
+from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario, TaskChoice
 from loadlab.loadtests.users import build_user_classes, celery_client
-from loadlab.config.settings import Settings
 from loadlab.stack.supervisor import Stack
 from loadlab.stack.tasks import full_name
 

@@ -5,8 +5,18 @@ import sys
 
 import click
 
-from loadlab.cli.common import (EXIT_FAILED, EXIT_OK, UsageError, build_settings, console, install_stop_signals,
-                                int_list, patch_for_locust, run_dir_for, stack_options)
+from loadlab.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    build_settings,
+    console,
+    install_stop_signals,
+    int_list,
+    patch_for_locust,
+    run_dir_for,
+    stack_options,
+)
 
 
 @click.group()

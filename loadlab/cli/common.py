@@ -17,8 +17,8 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "locust_workers", "warmup_s", "drain_timeout_s", "prometheus"}
-RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s")
+                   "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "prometheus"}
+RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

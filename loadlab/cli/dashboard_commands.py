@@ -46,8 +46,8 @@ def dashboards_check():
 def dashboards_render(run_dir, out, strict):
     """Draw every dashboard panel from the Prometheus data of a `loadlab run --prometheus` run, as self-contained
     HTML pages (RUN_DIR/dashboards/<uid>.html), for review without Grafana."""
-    from loadlab.stack.prometheus import PrometheusError, PrometheusMissing, StoredRunError
     from loadlab.dashboards.render import render_run
+    from loadlab.stack.prometheus import PrometheusError, PrometheusMissing, StoredRunError
 
     try:
         with console.status("rendering dashboards from the run's Prometheus data…") as status:

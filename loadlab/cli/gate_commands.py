@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from loadlab.cli.common import UsageError, console
+from loadlab.reports.report import REPORT_FILE
 
 
 def load_gate_rules(gates_file: str, baseline: str | None):
@@ -16,7 +17,7 @@ def load_gate_rules(gates_file: str, baseline: str | None):
         rules = load_rules(gates_file)
     except GateConfigError as exc:
         raise UsageError(in_rules_file(exc, gates_file)) from None
-    if baseline and not (Path(baseline) / "report.json").is_file():
+    if baseline and not (Path(baseline) / REPORT_FILE).is_file():
         raise UsageError(f"--baseline {baseline!r} has no report.json; give the directory of a finished run.")
     return rules
 
@@ -46,7 +47,7 @@ def gate_run(run_dir: Path, rules_file: str, baseline: str | None) -> int:
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
 def gate(run_dir, rules, baseline):
     """Evaluate gates on a finished run: exit 0 pass, 1 a rule failed, 2 bad rules or run directory."""
-    if not (Path(run_dir) / "report.json").is_file():
+    if not (Path(run_dir) / REPORT_FILE).is_file():
         raise UsageError(f"RUN_DIR {run_dir!r} has no report.json; give the directory of a finished run.")
     sys.exit(gate_run(Path(run_dir), rules, baseline))
 
@@ -59,7 +60,7 @@ def report(run_dir):
     from loadlab.reports.report import load_report
 
     path = Path(run_dir)
-    if not (path / "report.json").is_file():
+    if not (path / REPORT_FILE).is_file():
         raise UsageError(f"RUN_DIR {run_dir!r} has no report.json; give the directory of a finished run.")
     try:
         data = load_report(path)

@@ -7,9 +7,22 @@ import sys
 import click
 from rich.table import Table
 
-from loadlab.cli.common import (EXIT_OK, STACK_FIELDS, UsageError, build_settings, console, install_stop_signals,
-                                int_list, patch_for_locust, run_dir_for, run_options, settings_options, stack_options)
+from loadlab.cli.common import (
+    EXIT_OK,
+    STACK_FIELDS,
+    UsageError,
+    build_settings,
+    console,
+    install_stop_signals,
+    int_list,
+    patch_for_locust,
+    run_dir_for,
+    run_options,
+    settings_options,
+    stack_options,
+)
 from loadlab.cli.gate_commands import gate_run, load_gate_rules
+from loadlab.reports.report import REPORT_FILE
 
 
 # --- run ----------------------------------------------------------------------------------------------------------
@@ -27,8 +40,8 @@ from loadlab.cli.gate_commands import gate_run, load_gate_rules
 def run(scenario, out, gates_file, baseline, with_prometheus, **options):
     """Start the stack, run a headless Locust scenario, drain, write the run directory, stop the stack."""
     patch_for_locust()
-    from loadlab.loadtests.scenarios import get_scenario
     from loadlab.loadtests.headless import execute_run
+    from loadlab.loadtests.scenarios import get_scenario
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
@@ -108,10 +121,10 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     install_stop_signals()
     scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,
                         pools=pools)
-    reports = [json.loads((run_dir / p["run_dir"] / "report.json").read_text()) for p in scaling["points"]]
+    reports = [json.loads((run_dir / p["run_dir"] / REPORT_FILE).read_text()) for p in scaling["points"]]
     report = merge_reports(reports, scenario=f"sweep:{scenario}", settings_masked=settings.masked())
     report["scaling"] = scaling
-    write_json(run_dir / "report.json", report)
+    write_json(run_dir / REPORT_FILE, report)
     write_rendered(run_dir, report)
     if scaling.get("usl"):
         u = scaling["usl"]
@@ -171,7 +184,7 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
     if inband_list:
         inband = run_serialization_inband(settings, run_dir, console, serializers=serializer_list,
                                           sizes=inband_list, shape=shape_list[0], offline_rows=rows)
-    reports = [json.loads((run_dir / r["run_dir"] / "report.json").read_text()) for r in inband]
+    reports = [json.loads((run_dir / r["run_dir"] / REPORT_FILE).read_text()) for r in inband]
     if reports:
         report = merge_reports(reports, scenario="serialization", settings_masked=settings.masked())
     else:
@@ -180,7 +193,7 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
         report = empty_report("serialization", settings.masked())
     report["serialization"] = rows
     report["serialization_inband"] = inband
-    write_json(run_dir / "report.json", report)
+    write_json(run_dir / REPORT_FILE, report)
     write_rendered(run_dir, report)
     console.print(f"{len(rows)} offline combinations, {len(inband)} in-band runs; report: {run_dir / 'report.html'}")
 

@@ -6,8 +6,16 @@ import time
 
 import click
 
-from loadlab.cli.common import (EXIT_FAILED, UsageError, build_settings, console, err_console, install_stop_signals,
-                                run_dir_for, stack_options)
+from loadlab.cli.common import (
+    EXIT_FAILED,
+    UsageError,
+    build_settings,
+    console,
+    err_console,
+    install_stop_signals,
+    run_dir_for,
+    stack_options,
+)
 from loadlab.config.settings import Settings
 
 

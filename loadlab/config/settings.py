@@ -7,11 +7,11 @@ every child process (workers, API, exporter, Locust) as JSON in ``LOADLAB_SETTIN
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 import json
 import os
 import re
 import typing
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -194,6 +194,7 @@ class Settings(BaseSettings):
     spawn_rate: float | None = Field(None, gt=0, description="Users started per second; unset = the scenario's own")
     locust_workers: int = Field(0, ge=0, le=64, description="Locust worker processes (0 = Locust runs in loadlab's own process)")
     warmup_s: float = Field(0.0, ge=0, description="Seconds at the start of the load left out of the steady window")
+    queue_sample_interval_s: float = Field(1.0, gt=0, le=60, description="Seconds between the run's polls of the queue depth (one sample per bucket of the report's time series at 1)")
     drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
     prometheus: bool = Field(False, description="Run Debian's Prometheus beside the run (every endpoint scraped each "
                              "second, alert rules evaluated); its TSDB stays in RUN_DIR/prometheus/ for "

@@ -1,0 +1,51 @@
+"""The end of a run, one way for ``loadlab run`` and for each swarm of the web UI: drain → reconcile → build →
+write → render.
+
+The caller stops the load and marks it stopped on the recorder (``Recorder.mark_load_stopped``), then calls
+``drain()``; what it must do while the stack still runs (a last queue sample, the final scrape, Locust's final
+tables) goes between ``drain()`` and ``write()``."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from loadlab.config.settings import Settings
+from loadlab.reports.recorder import Recorder
+from loadlab.reports.render import write_rendered
+from loadlab.reports.report import REPORT_FILE, build_report, write_json
+from loadlab.stack.tasks import retry_policy
+
+
+class RunSession:
+    def __init__(self, settings: Settings, recorder: Recorder, app, report_dir: Path, scenario: str):
+        self.settings = settings
+        self.recorder = recorder
+        self.app = app  # for the result backend's word on tasks the ledger never saw finish; None: not asked
+        self.report_dir = report_dir
+        self.scenario = scenario
+        self.drained: bool | None = None
+
+    def drain(self, tick: Callable[[int], None] | None = None) -> bool:
+        """Waits until every submitted task is terminal or the drain deadline; past the deadline, asks the result
+        backend about the tasks still pending."""
+        self.drained = self.recorder.drain(self.settings.drain_timeout_s, tick=tick)
+        if not self.drained and self.app is not None:
+            self.recorder.reconcile(self.app)
+        return self.drained
+
+    def write(self, *, started_at: float, locust: dict, extra: dict,
+              render: Callable[[Path, dict], None] = write_rendered) -> dict:
+        """Builds the report from what the recorder holds, writes ``report.json`` and renders the pages
+        (``render``: the web UI renders in a native thread, so its event loop goes on meanwhile)."""
+        if self.drained is None:
+            raise RuntimeError("RunSession.write() before drain(): the report would count tasks still in flight")
+        if not self.recorder.closed:
+            self.recorder.close()
+        report = build_report(scenario=self.scenario, settings_masked=self.settings.masked(), started_at=started_at,
+                              load_stopped_at=self.recorder.load_stopped_at, recorded=self.recorder.summary(),
+                              locust=locust, retry_policy=retry_policy(self.settings), drained=self.drained,
+                              extra=extra)
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.report_dir / REPORT_FILE, report)
+        render(self.report_dir, report)
+        return report
