@@ -54,8 +54,6 @@ from loadlab.exporters import metrics as names
 
 log = logging.getLogger("loadlab.exporter")
 
-DEFAULT_PORT = 9808
-DEFAULT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_FACTOR = 2.5     # × the worker's announced heartbeat interval
 DEFAULT_HEARTBEAT_FREQ_S = 2.0
 FORGET_WORKER_AFTER_S = 600.0
@@ -339,7 +337,7 @@ def _make_receiver_class():
 
 
 class ExporterService:
-    def __init__(self, app, queues: list[str], *, interval_s: float = DEFAULT_INTERVAL_S,
+    def __init__(self, app, queues: list[str], *, interval_s: float,
                  worker_timeout_s: float | None = None, task_events: bool = False):
         self.app = app
         self.queues = list(dict.fromkeys(queues))
@@ -559,9 +557,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m loadlab.exporters.exporter_service", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=None, help="bind address (default: settings metrics_host)")
-    parser.add_argument("--port", type=int, default=None, help=f"port (default: settings metrics_port, else {DEFAULT_PORT})")
+    parser.add_argument("--port", type=int, default=None, help="port (default: settings metrics_port, else exporter_port)")
     parser.add_argument("--queues", default="", help="comma-separated queues to watch besides settings.queue")
-    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between broker polls")
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds without a heartbeat before celery_worker_up reads 0 (default 2.5 × its interval)")
     parser.add_argument("--task-events", action="store_true", help="count task events (apps not instrumented in-process)")
@@ -578,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     host = args.host or settings.metrics_host
-    port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_PORT)
-    service = ExporterService(exporter_app(settings), queues, interval_s=args.interval,
+    port = args.port if args.port is not None else (settings.metrics_port or settings.exporter_port)
+    service = ExporterService(exporter_app(settings), queues, interval_s=settings.exporter_interval_s,
                               worker_timeout_s=args.worker_timeout, task_events=args.task_events)
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import random
 import string
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 #: Payload shapes: many short strings, a tree of small dicts, long lists of numbers, one long string.
-SHAPES: tuple[str, ...] = ("flat_strings", "nested_dicts", "numeric_lists", "large_text")
+PayloadShape = Literal["flat_strings", "nested_dicts", "numeric_lists", "large_text"]
+SHAPES: tuple[str, ...] = typing.get_args(PayloadShape)
 
 _ALNUM = string.ascii_letters + string.digits
 _WORDS = tuple(

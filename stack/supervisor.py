@@ -60,9 +60,9 @@ class Stack:
             self.workers.append(self._worker_child(index).start())
         if self.with_api:
             port = s.api_port or embedded.free_port()
-            self.settings = s = s.model_copy(update={"api_url": f"http://127.0.0.1:{port}", "api_port": port})
+            self.settings = s = s.model_copy(update={"api_url": f"http://{s.api_client_host}:{port}", "api_port": port})
             self.api = Child("api", [sys.executable, "-m", "uvicorn", "loadlab.stack.api:create_app", "--factory",
-                                     "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                                     "--host", s.api_host, "--port", str(port), "--no-access-log",
                                      "--log-level", "warning"],
                              self.log_dir / "api.log", env=s.child_env()).start()
         self.wait_ready()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import random
 import time
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadlab.exporters.ledger_hooks import body_finished
-from loadlab.stack.payloads import SHAPES, make_body
+from loadlab.stack.payloads import PayloadShape, make_body
 
 TASK_PREFIX = "loadlab."
 
@@ -44,7 +43,7 @@ class FlakyArgs(_Args):
 
 class PayloadArgs(_Args):
     size_bytes: int = Field(1024, ge=0, le=8 * 1024 * 1024, description="Body size (JSON bytes)")
-    shape: Literal["flat_strings", "nested_dicts", "numeric_lists", "large_text"] = "flat_strings"
+    shape: PayloadShape = "flat_strings"
 
     def call_kwargs(self) -> dict:
         return {"body": make_body(self.shape, self.size_bytes)}
@@ -58,7 +57,6 @@ TASK_ARGS: dict[str, type[_Args]] = {
     "payload": PayloadArgs,
 }
 TASK_NAMES = tuple(TASK_ARGS)
-assert set(PayloadArgs.model_fields["shape"].annotation.__args__) == set(SHAPES)
 
 
 def full_name(short: str) -> str:

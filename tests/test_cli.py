@@ -1,7 +1,6 @@
 """The command line: bad values get one sentence and exit 2, with no traceback and nothing left running."""
-import json
-import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -74,4 +73,31 @@ def test_up_reports_a_worker_that_fails_to_start_and_leaves_nothing(tmp_path):
     assert "worker1 exited" in result.stderr + result.stdout
     assert "no_such_module" in result.stderr + result.stdout  # the tail of its log
     assert time.monotonic() - started < 60
+    wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
+
+
+def test_up_binds_the_api_to_api_host(tmp_path):
+    """--api-host is where the API listens (and the URL the stack gives out), not only what the port check probes."""
+    import re
+    import urllib.request
+
+    out = tmp_path / "host"
+    proc = subprocess.Popen([LOADLAB, "up", "--api-host", "127.0.0.2", "--out", str(out)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        wait_until(lambda: lines.append(proc.stdout.readline()) or "Ctrl-C" in lines[-1] or proc.poll() is not None,
+                   90, interval=0, what="the stack to say it is up")
+        match = re.search(r"producer API http://127\.0\.0\.2:(\d+)", "".join(lines))
+        assert match, "".join(lines)
+        port = int(match.group(1))
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")

@@ -25,11 +25,13 @@ import uuid as uuidlib
 from collections import Counter
 from pathlib import Path
 
+from loadlab.bench.settings import ExporterBench
+
 TARGET_RATIO = 5.0
 
 
 def generate_stream(n_events: int, *, workers: int = 12, task_names: int = 60, in_flight: int = 400,
-                    tasks_per_s: float = 2000.0, seed: int = 7) -> list[dict]:
+                    tasks_per_s: float = 2000.0, seed: int = ExporterBench().seed) -> list[dict]:
     rng = random.Random(seed)
     hosts = [f"celery@worker-{i:02d}.prod.example" for i in range(workers)]
     producers = [f"gen{i}@api-{i}" for i in range(3)]
@@ -147,7 +149,7 @@ def _time_celery(events: list[dict]) -> tuple[float, object]:
     return time.perf_counter() - started, state
 
 
-def run(n_events: int, rounds: int, seed: int = 7) -> dict:
+def run(n_events: int, rounds: int, seed: int = ExporterBench().seed) -> dict:
     t0 = time.perf_counter()
     events = generate_stream(n_events, seed=seed)
     generated_s = time.perf_counter() - t0
@@ -205,9 +207,10 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loadlab bench exporter")
-    parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=7)
+    defaults = ExporterBench()
+    parser.add_argument("--events", type=int, default=defaults.events)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="directory to write bench.json to")
     args = parser.parse_args(argv)
     result = run(args.events, args.rounds, args.seed)

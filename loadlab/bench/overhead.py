@@ -42,6 +42,9 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from loadlab.bench.settings import OverheadBench
+from loadlab.stack.tasks import full_name
+
 CONFIGS = (
     ("bare", "off", "off"),
     ("metrics", "on", "off"),
@@ -54,7 +57,8 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 4000
 # issue #3: the default instrumentation (metrics on, tracing off) >= 0.97 x bare; every task traced >= 0.90 x
 TARGETS = {"metrics": 0.97, "all traced": 0.90}
-NOOP = "loadlab.noop"
+NOOP = full_name("noop")
+DEFAULTS = OverheadBench()
 
 
 # --- producer (a child process per configuration, for the whole bench) -----------------------------------------------
@@ -497,14 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loadlab bench overhead")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve")
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=DEFAULTS.warmup)
     p.add_argument("--watch-pids", default="")
-    b = sub.add_parser("bench")  # the defaults live in the CLI (loadlab bench overhead), which passes them all
+    b = sub.add_parser("bench")  # loadlab bench overhead passes every option but the warm-up
     b.add_argument("--rounds", type=int, required=True)
     b.add_argument("--tasks", type=int, required=True)
     b.add_argument("--paced-tasks", type=int, required=True)
     b.add_argument("--paced-rate", type=float, required=True)
-    b.add_argument("--warmup", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=DEFAULTS.warmup)
     b.add_argument("--workers", type=int, required=True)
     b.add_argument("--concurrency", type=int, required=True)
     b.add_argument("--out", required=True)

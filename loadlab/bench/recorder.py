@@ -17,6 +17,9 @@ def feed_and_build(tasks: int, seed: int = 1) -> dict:
     from loadlab.reports.recorder import Recorder
     from loadlab.reports.render import render_html, render_markdown
     from loadlab.reports.report import build_report
+    from loadlab.stack.tasks import full_name  # task names defined once (it loads Celery: alike at every size)
+
+    NOOP, FLAKY = full_name("noop"), full_name("flaky")
 
     rng = random.Random(seed)
     recorder = Recorder("redis://127.0.0.1:1/0", "bench", max_retries=3)
@@ -25,15 +28,15 @@ def feed_and_build(tasks: int, seed: int = 1) -> dict:
     for i in range(tasks):
         task_id = f"{i:032x}"
         sent = start + i / 1000.0  # 1000 tasks/s of simulated time
-        recorder.handle([ledger.SENT, task_id, "loadlab.noop", sent, 0.0005 + rng.random() * 0.002, None])
+        recorder.handle([ledger.SENT, task_id, NOOP, sent, 0.0005 + rng.random() * 0.002, None])
         started = sent + rng.expovariate(200)
         retries = 1 if rng.random() < 0.02 else 0
         if retries:
-            recorder.handle([ledger.ATTEMPT, task_id, "loadlab.flaky", "RETRY", sent, sent, None, started,
+            recorder.handle([ledger.ATTEMPT, task_id, FLAKY, "RETRY", sent, sent, None, started,
                              started + 0.001, started + 0.0015, 0, "FlakyError", None, "w1"])
             started += 1.0
         done = started + rng.expovariate(500)
-        recorder.handle([ledger.ATTEMPT, task_id, "loadlab.noop", "SUCCESS", sent, sent, None, started, done,
+        recorder.handle([ledger.ATTEMPT, task_id, NOOP, "SUCCESS", sent, sent, None, started, done,
                          done + 0.0003, retries, None, None, "w1"])
     fed = time.perf_counter() - fed
     built = time.perf_counter()

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from loadlab.bench.settings import ExporterBench, OverheadBench, PublishBench, RecorderBench
 from loadlab.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -13,6 +14,7 @@ from loadlab.cli.common import (
     console,
     install_stop_signals,
     int_list,
+    model_options,
     patch_for_locust,
     run_dir_for,
     stack_options,
@@ -26,8 +28,7 @@ def bench():
 
 @bench.command("publish")
 @stack_options
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="A B rounds")
-@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds per side")
+@model_options(PublishBench)
 @click.option("--out", default=None, help="Directory for the stack's logs")
 def bench_publish_command(rounds, seconds, out, **options):
     """Raw send_task loop against the Locust Celery user, same stack, one process; prints rates and the ratio."""
@@ -45,7 +46,7 @@ def bench_publish_command(rounds, seconds, out, **options):
 
 
 @bench.command("recorder")
-@click.option("--sizes", default="100000,1000000", show_default=True, help="Task counts, each in a fresh process")
+@model_options(RecorderBench)
 def bench_recorder_command(sizes):
     """Synthetic task records through the recorder and report builder: RSS ratio and 1M build time."""
     from loadlab.bench.recorder import measure
@@ -65,12 +66,7 @@ def bench_recorder_command(sizes):
 
 
 @bench.command("overhead")
-@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Rounds of a burst and a paced phase per stack, the order rotated each round")
-@click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=100), help="No-op tasks in each burst (throughput)")
-@click.option("--paced-tasks", default=40, show_default=True, type=click.IntRange(min=10), help="Tasks of each paced phase (p50)")
-@click.option("--paced-rate", default=40.0, show_default=True, type=click.FloatRange(min=1), help="Tasks/s of the paced phase")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes per stack")
-@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(min=1), help="Prefork pool size")
+@model_options(OverheadBench, ["rounds", "tasks", "paced_tasks", "paced_rate", "workers", "concurrency"])
 @click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
 @click.option("--with-earlier", multiple=True, metavar="PATH", help="bench.json (or its directory) of an earlier run with the same settings, summarized with this run's rounds (repeatable)")
 def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out, with_earlier):
@@ -96,9 +92,7 @@ def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency,
 
 
 @bench.command("exporter")
-@click.option("--events", default=50_000, show_default=True, type=click.IntRange(min=1000), help="Events in the stream")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Alternating rounds")
-@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the generated stream")
+@model_options(ExporterBench)
 @click.option("--out", default=None, help="Directory for bench.json (default reports/runs/<UTC-timestamp>-bench-exporter/)")
 def bench_exporter(events, rounds, seed, out):
     """loadlab's event handling vs Flower's EventsState on one generated stream: events/s each and the ratio."""

@@ -17,7 +17,9 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "prometheus"}
+                   "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "prometheus",
+                   # options of one command each, not of every stack command
+                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port"}
 RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -52,6 +54,29 @@ def settings_options(fields):
 STACK_FIELDS = [n for n in Settings.model_fields if n not in INTERNAL_FIELDS]
 stack_options = settings_options(STACK_FIELDS)
 run_options = settings_options(RUN_FIELDS)
+
+
+def model_options(model, names=None):
+    """Click options for the fields of a pydantic model (a benchmark's settings): default, help and range from the
+    field, so they are defined once."""
+    import annotated_types
+
+    def decorate(func):
+        for name in reversed(list(names or model.model_fields)):
+            info = model.model_fields[name]
+            low = next((m.ge for m in info.metadata if isinstance(m, annotated_types.Ge)), None)
+            kind = info.annotation
+            if kind is int:
+                click_type = click.IntRange(min=low) if low is not None else int
+            elif kind is float:
+                click_type = click.FloatRange(min=low) if low is not None else float
+            else:
+                click_type = str
+            func = click.option("--" + name.replace("_", "-"), name, default=info.default, show_default=True,
+                                type=click_type, help=info.description)(func)
+        return func
+
+    return decorate
 
 
 def build_settings(**given) -> Settings:

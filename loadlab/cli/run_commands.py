@@ -64,11 +64,10 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
-@click.option("--web-port", default=8089, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of the Locust web UI (bound to 127.0.0.1 only)")
+@settings_options(["web_port"])
 @click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
                                           "(default reports/runs/<UTC-timestamp>-ui/)")
-def ui(scenario, web_port, out, **options):
+def ui(scenario, out, **options):
     """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios in the UI; each swarm's
     report is written when it stops; Ctrl-C stops every process. SCENARIO (default smoke) sets the users and spawn
     rate the form starts with."""
@@ -78,11 +77,11 @@ def ui(scenario, web_port, out, **options):
 
     settings = build_settings(scenario=scenario, **options)
     get_scenario(settings.scenario)
-    if not port_free(web_port):
-        raise UsageError(f"--web-port {web_port} is in use on 127.0.0.1; give a free port.")
+    if not port_free(settings.web_port):
+        raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
     run_dir = run_dir_for(out, "ui")
     install_stop_signals()
-    code = serve(settings, run_dir, web_port, console=console)
+    code = serve(settings, run_dir, settings.web_port, console=console)
     if code != EXIT_OK:
         sys.exit(code)
 

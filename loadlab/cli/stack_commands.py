@@ -14,6 +14,7 @@ from loadlab.cli.common import (
     err_console,
     install_stop_signals,
     run_dir_for,
+    settings_options,
     stack_options,
 )
 from loadlab.config.settings import Settings
@@ -61,6 +62,7 @@ def up(out, **options):
 
 @click.command()
 @stack_options
+@settings_options(["standalone_api_port"])
 def api(**options):
     """Run the producer API in the foreground (for containers or an existing broker)."""
     import os
@@ -68,7 +70,7 @@ def api(**options):
     settings = build_settings(**options)
     if not settings.broker:
         raise UsageError("loadlab api needs --broker (or LOADLAB_BROKER); `loadlab up` starts an embedded one.")
-    port = settings.api_port or 8000
+    port = settings.api_port or settings.standalone_api_port
     # exec uvicorn in this process's place: the API runs as `loadlab api` itself, with the settings as its environment
     os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "loadlab.stack.api:create_app", "--factory",
                                "--host", settings.api_host, "--port", str(port), "--no-access-log",
@@ -78,18 +80,17 @@ def api(**options):
 @click.command()
 @stack_options
 @click.option("--queues", default=None, help="More queues to watch besides --queue, comma-separated")
-@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds between broker polls")
+@settings_options(["exporter_port", "exporter_interval_s"])
 @click.option("--worker-timeout", default=None, type=click.FloatRange(min=0.1),
               help="Seconds without a heartbeat before celery_worker_up reads 0 (default 2.5x the worker's interval)")
 @click.option("--task-events/--no-task-events", default=False,
               help="Count task events too (for apps not instrumented in-process; asks workers to send them)")
-def exporter(queues, interval, worker_timeout, task_events, **options):
+def exporter(queues, worker_timeout, task_events, **options):
     """Serve queue depth, worker liveness and active tasks of any Celery deployment on /metrics
-    (--metrics-host/--metrics-port, default port 9808)."""
+    (--metrics-host, and --metrics-port or else --exporter-port)."""
     import os
 
-    from loadlab.exporters.exporter_service import DEFAULT_PORT, parse_queues
+    from loadlab.exporters.exporter_service import parse_queues
 
     settings = build_settings(**options)
     if not settings.broker and not settings.app:
@@ -99,7 +100,7 @@ def exporter(queues, interval, worker_timeout, task_events, **options):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     argv = [sys.executable, "-m", "loadlab.exporters.exporter_service", "--host", settings.metrics_host,
-            "--port", str(settings.metrics_port or DEFAULT_PORT), "--queues", queues or "", "--interval", str(interval)]
+            "--port", str(settings.metrics_port or settings.exporter_port), "--queues", queues or ""]
     if worker_timeout:
         argv += ["--worker-timeout", str(worker_timeout)]
     if task_events:

@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     max_tasks_per_child: int = Field(0, ge=0, description="worker_max_tasks_per_child (0 = never recycle)")
     api_host: str = Field("127.0.0.1", description="Address the producer API binds (containers need 0.0.0.0)")
     api_port: int = Field(0, ge=0, le=65535, description="Producer API port (0 = a free port)")
+    standalone_api_port: int = Field(8000, ge=1, le=65535, description="Port of `loadlab api` when --api-port is 0")
+    exporter_port: int = Field(9808, ge=1, le=65535, description="/metrics port of `loadlab exporter` when --metrics-port is 0")
+    exporter_interval_s: float = Field(1.0, ge=0.1, le=3600, description="Seconds between the exporter's broker polls")
+    web_port: int = Field(8089, ge=1, le=65535, description="Port of the Locust web UI of `loadlab ui` (bound to 127.0.0.1 only)")
     api_max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body the API accepts")
     startup_timeout_s: float = Field(60.0, gt=0, description="Deadline for every process to become ready")
     # --- reference tasks -----------------------------------------------------------------------------------------
@@ -317,6 +321,12 @@ class Settings(BaseSettings):
         for key in ("broker", "backend", "ledger_url"):
             data[key] = mask_url(data[key])
         return data
+
+    @property
+    def api_client_host(self) -> str:
+        """Where a client on this machine reaches the API bound to ``api_host`` (a wildcard answers on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.api_host, self.api_host)
+        return f"[{host}]" if ":" in host else host
 
     @property
     def accept_content(self) -> list[str]:

@@ -1,0 +1,30 @@
+"""The settings of each benchmark, defined once: the CLI makes its options from these fields and the measuring
+processes (``python -m loadlab.bench.…``) take their defaults from them."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class PublishBench(BaseModel):
+    rounds: int = Field(3, ge=1, description="A B rounds")
+    seconds: float = Field(5.0, ge=0.5, description="Seconds per side")
+
+
+class RecorderBench(BaseModel):
+    sizes: str = Field("100000,1000000", description="Task counts, each in a fresh process")
+
+
+class OverheadBench(BaseModel):
+    rounds: int = Field(20, ge=1, description="Rounds of a burst and a paced phase per stack, the order rotated each round")
+    tasks: int = Field(1000, ge=100, description="No-op tasks in each burst (throughput)")
+    paced_tasks: int = Field(40, ge=10, description="Tasks of each paced phase (p50)")
+    paced_rate: float = Field(40.0, ge=1, description="Tasks/s of the paced phase")
+    workers: int = Field(1, ge=1, description="Worker processes per stack")
+    concurrency: int = Field(2, ge=1, description="Prefork pool size")
+    warmup: int = Field(200, ge=0, description="No-op tasks each stack runs before it is measured")
+
+
+class ExporterBench(BaseModel):
+    events: int = Field(50_000, ge=1000, description="Events in the stream")
+    rounds: int = Field(3, ge=1, description="Alternating rounds")
+    seed: int = Field(7, description="Seed of the generated stream")
