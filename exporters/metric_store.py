@@ -7,9 +7,8 @@ Every sample is a *cell*: a place holding one float, either a slot of an in-memo
 file that is one aligned 8-byte store into the shared mapping, nothing to copy or ship later.
 
 Why not prometheus_client's own multiprocess values, or its ``MmapedDict`` behind a dict: those went through three
-Python calls, a ``struct.pack`` and a slice assignment per sample written (one serializer call's two observations,
-buckets looked up included: ~21 k instructions, measured with callgrind; with cells and a recorder ~7 k), and
-prometheus_client keys its files by pid, which is what makes recycled pool children pile files up. Here the caller
+Python calls, a ``struct.pack`` and a slice assignment per sample written (about three times a cell's cost, see
+docs/performance.md), and prometheus_client keys its files by pid, which is what makes recycled pool children pile files up. Here the caller
 picks the file name (a pool slot), see ``loadlab.exporters.worker_metrics``.
 """
 from __future__ import annotations
@@ -157,8 +156,8 @@ class MetricStore:
     # It is one call where a method, a bucket lookup and a fallback per sample were five to seven: this runs several
     # times per task in every process, so its instructions are a measurable share of the stack's (bench overhead).
     # Its samples are declared (bound instruments declare theirs), so their cells exist after every attach, detach
-    # and fork: a plain subscript finds them. The lock is taken with acquire/release, not ``with``: ~0.9 k
-    # instructions a round instead of ~2 k (callgrind), and a recorder takes one or two rounds per task.
+    # and fork: a plain subscript finds them. The lock is taken with acquire/release, not ``with`` (half the
+    # instructions a round), and a recorder takes one or two rounds per task.
     def counter_recorder(self, counter_key: str) -> Callable[[], None]:
         """``record()``: the counter +1."""
         self._check_declared((counter_key,))

@@ -17,7 +17,7 @@ Where the contrib code has gaps, or costs more than the stack it watches, this m
   ``str()`` of a dict (``delivery_info``). It is replaced by one ``set_attributes`` call with the attributes people
   query: message id, destination, hostname, state, retries, eta, countdown and expires;
 - contrib connects its publish and run handlers as Celery receivers of their own, and Celery unpacks a signal's
-  keywords again for each receiver (~10 k instructions): here they are hooks of loadlab's one receiver per signal
+  keywords again for each receiver: here they are hooks of loadlab's one receiver per signal
   (``loadlab.exporters.task_signals``), with the ledger's and the metrics', and share one lookup of the task's request;
 - the batch queue is sized so a burst does not drop spans before the next export.
 
@@ -212,12 +212,7 @@ def celery_instrumentor_class():
           export. The lean path makes the same spans (names, kinds, parents, attributes) with their attributes
           given at start, one context attach each, and the W3C ``traceparent`` written and read directly. It keeps
           contrib's per-task store on the task object, so contrib's failure and retry handlers still find the run
-          span. Measured with callgrind on Celery's task path in one process (prerun, a no-op task, the result
-          stored in Redis, postrun; metrics on): 1.11 M instructions per task untraced; traced through contrib's
-          handlers (with the store span through the SDK) +718 k; through this path, the direct result-store span
-          and the encoder below, +433 k; with the run span built by ``started_spans`` instead of ``start_span``,
-          +340 k. Spans written straight to traces.jsonl (``traces_file_processor``) and the sampler's known
-          answer for a sampled parent: +333 k -> +248 k over 1.06 M, measured side by side.
+          span. What each step saves is in docs/performance.md.
 
         Both need the default propagators (W3C trace context, baggage); a task with baggage or a ``tracestate``,
         or a process with other propagators, goes through contrib unchanged."""
@@ -290,11 +285,11 @@ def celery_instrumentor_class():
         def _publish_traced(self, headers: dict, kwargs) -> bool:
             """contrib's publish span, made as the SDK would (its sampler, id generator and flags) but handed to the
             span processors as a ``ReadableSpan`` when the message is out, timed by loadlab: the SDK's live span
-            (locks, bounded copies) was a third of a publish's tracing cost (callgrind, one ``send_task`` to Redis:
-            2.36 M instructions untraced, +298 k traced with the SDK's span, +203 k this way), and nothing is
-            recorded onto this span while it is open. The ``traceparent`` is written directly. With the span written
-            straight to traces.jsonl and, under ``--tracing all``, a root's sampling decided without asking the
-            sampler (``ParentBased(ALWAYS_ON)``: always recorded and sampled): +190 k -> +135 k. False: contrib's."""
+            (locks, bounded copies) is a large share of a publish's tracing cost (docs/performance.md), and nothing
+            is recorded onto this span while it is open. The ``traceparent`` is written directly; the span goes
+            straight to traces.jsonl when that is the only processor and, under ``--tracing all``, a root's sampling
+            is decided without asking the sampler (``ParentBased(ALWAYS_ON)``: always recorded and sampled).
+            Returns False when the message is not one this path handles: contrib's handler then makes the span."""
             task_id = headers.get("id")
             if task_id is None or self._finished is None:
                 return False
@@ -560,8 +555,8 @@ def trace_result_store(app, provider) -> None:
 
     The span is a leaf that loadlab times itself, inside a run span already sampled (the parent-based sampler
     samples it too): it is handed to the span processors as the SDK's ``ReadableSpan`` with the measured times,
-    without the SDK's live-span machinery (sampler, locks, bounded attribute copies), which measured (callgrind) at
-    about 13 % of a pool child's instructions per no-op task. A store that raises takes the SDK's span path, so the
+    without the SDK's live-span machinery (sampler, locks, bounded attribute copies; its cost is in
+    docs/performance.md). A store that raises takes the SDK's span path, so the
     exception is recorded as the SDK records it."""
     try:
         backend_class = type(app.backend)
@@ -1061,8 +1056,7 @@ def encode_span_line(prefix: str, context, parent, name: str, kind, start_time: 
 
     Most spans have the same shape as many before them: the same name, kind and attribute keys, string values, no
     events, links or status. Their line is the text of their shape, made once, joined with the ids, the times and
-    the quoted values (one ``join``: a %-format scans its whole template, about 1 kB here, character by character).
-    Measured with callgrind: 29 k instructions per run span, 44 k field by field."""
+    the quoted values (one ``join``: a %-format scans its whole template, about 1 kB here, character by character)."""
     if attributes and not events and not links:
         kinds, codes = _enum_codes()
         values = tuple(attributes.values())
