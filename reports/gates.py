@@ -33,25 +33,26 @@ is one scheduler hiccup. With a 10 % rule and the default 5 ms floor the allowan
 so 3 ms passes and the gate only fails above 7 ms. For large values the percentage dominates: a 250 ms baseline
 allows 25 ms. The result's ``threshold`` is the worst value that still passes (baseline ± allowance).
 
-Default ``abs_floor`` comes from the metric's unit, read from the path part nearest the end that carries a unit
-suffix (a last part named ``count`` is always a plain count, so ``latency_ms.end_to_end.count`` has floor 0):
+Default ``abs_floor`` comes from the metric's unit, which the report's model declares for every figure
+(``loadlab.reports.model``: the ``unit`` of each field in ``reports/schema/report.schema.json``):
 
-================  =============================================================  ==============
-unit              recognised by                                                  default floor
-================  =============================================================  ==============
-milliseconds      a part ending ``_ms`` (``latency_ms.*``, ``p95_ms``)           5.0 ms
-microseconds      a part ending ``_us`` (``encode_us.p95``)                      50.0 µs
-seconds           a part ending ``_s`` (``duration_s``, ``backoff_observed_s``)  0.005 s
-rates             a part ending ``_per_s``, or named ``rps``                     1.0 per second
-bytes             a part ending ``_bytes``                                       0
-everything else   counts (``tasks.lost``), ratios, USL parameters                0
-================  =============================================================  ==============
+================  ============================================================  ==============
+unit              for example                                                   default floor
+================  ============================================================  ==============
+``ms``            ``latency_ms.end_to_end.p95``, ``scaling.points.0.p95_ms``    5.0 ms
+``us``            ``serialization.0.encode_us.p95``                             50.0 µs
+``s``             ``duration_s``, ``retries.backoff_observed_s.p95``            0.005 s
+``/s``            ``throughput.completed_per_s``, ``locust.rps``                1.0 per second
+``bytes``         ``serialization.0.wire_bytes``                                0
+``count``         ``tasks.lost``, ``latency_ms.end_to_end.count``               0
+``ratio``         ``littles_law.ratio``, USL parameters                         0
+================  ============================================================  ==============
 
 Counts get no floor on purpose: ``tasks.lost`` going from 0 to 1 is a real regression. Set ``abs_floor`` on a
 rule to override the default.
 
-Direction: lower is worse when the last (non-index) path part ends in ``_per_s`` or is ``rps``, ``succeeded`` or
-``requests`` (throughput); higher is worse for everything else (latencies, lost, failed, retried, bytes, …).
+Direction: lower is worse for rates (unit ``/s``) and for ``succeeded`` and ``requests`` (throughput); higher is
+worse for everything else (latencies, lost, failed, retried, bytes, …).
 ``direction: higher_is_worse | lower_is_worse`` overrides the inference.
 
 Errors
@@ -66,7 +67,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -76,7 +77,8 @@ from rich.table import Table
 from rich.text import Text
 
 from loadlab.reports.junit import JUnitCase, atomic_write_text, write_junit
-from loadlab.reports.report import REPORT_FILE, verdict_with_gates
+from loadlab.reports.model import GateEntry, unit_of
+from loadlab.reports.report import REPORT_FILE, verdict_with_gates, version_problem
 
 __all__ = [
     "GATE_SUITE",
@@ -99,9 +101,10 @@ _RULE_KEYS = ("metric", "name", "min", "max", "max_regression", "abs_floor", "di
 _CHECK_KEYS = ("min", "max", "max_regression")
 
 # Default abs_floor per unit; see the module docstring for the reasoning.
-DEFAULT_ABS_FLOOR: dict[str, float] = {"ms": 5.0, "us": 50.0, "s": 0.005, "/s": 1.0, "bytes": 0.0, "": 0.0}
-_UNIT_LABEL = {"ms": " ms", "us": " µs", "s": " s", "/s": "/s", "bytes": " B", "": ""}
-_LOWER_IS_WORSE_NAMES = frozenset({"rps", "succeeded", "requests"})
+DEFAULT_ABS_FLOOR: dict[str, float] = {"ms": 5.0, "us": 50.0, "s": 0.005, "/s": 1.0, "bytes": 0.0, "count": 0.0,
+                                       "ratio": 0.0, "": 0.0}
+_UNIT_LABEL = {"ms": " ms", "us": " µs", "s": " s", "/s": "/s", "bytes": " B", "count": "", "ratio": "", "": ""}
+_LOWER_IS_WORSE_NAMES = frozenset({"succeeded", "requests"})
 # Boundary values must pass even when the allowance picks up float rounding (0.1 * 2.5 etc.).
 _EPSILON = 1e-9
 _MAX_LISTED_FIELDS = 20
@@ -322,25 +325,13 @@ def _parse_fraction(value: Any, label: str) -> float:
 
 
 def _infer_unit(path: Sequence[str]) -> str:
-    if path[-1] == "count":
-        return ""
-    for part in reversed(path):
-        if part == "rps" or part.endswith("_per_s"):  # before "_s": a rate is not a duration
-            return "/s"
-        if part.endswith("_ms"):
-            return "ms"
-        if part.endswith("_us"):
-            return "us"
-        if part.endswith("_s"):
-            return "s"
-        if part.endswith("_bytes") or part == "bytes":
-            return "bytes"
-    return ""
+    """The unit the report's model declares for the figure at ``path`` ('' for a path it does not declare)."""
+    return unit_of(tuple(path)) or ""
 
 
 def _infer_direction(path: Sequence[str]) -> Direction:
     last = next((part for part in reversed(path) if not part.isdigit()), path[-1])
-    if last.endswith("_per_s") or last in _LOWER_IS_WORSE_NAMES:
+    if _infer_unit(path) == "/s" or last in _LOWER_IS_WORSE_NAMES:
         return "lower_is_worse"
     return "higher_is_worse"
 
@@ -348,20 +339,8 @@ def _infer_direction(path: Sequence[str]) -> Direction:
 # --------------------------------------------------------------------------------------------------- evaluation
 
 
-@dataclass(frozen=True)
-class GateResult:
-    """The verdict of one check of one rule; ``as_report_entry()`` is what report.json's ``gates`` list holds."""
-
-    rule: str
-    metric: str
-    value: float | None
-    threshold: float
-    passed: bool
-    baseline: float | None = None
-    message: str = ""
-
-    def as_report_entry(self) -> dict[str, Any]:
-        return asdict(self)
+# The verdict of one check of one rule: an entry of report.json's ``gates`` list, as the report's model has it.
+GateResult = GateEntry
 
 
 def evaluate(report: dict[str, Any], rules: Iterable[Rule], baseline: dict[str, Any] | None = None) -> list[GateResult]:
@@ -561,6 +540,9 @@ def _load_report(path: Path) -> dict[str, Any]:
         raise GateConfigError(f"cannot read '{path}': {exc.strerror or exc}.") from None
     if not isinstance(data, dict):
         raise GateConfigError(f"'{path}' must hold a JSON object, not {_describe(data)}.")
+    problem = version_problem(data, path)
+    if problem:
+        raise GateConfigError(problem)
     return data
 
 

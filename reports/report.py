@@ -1,5 +1,5 @@
-"""Builds ``report.json`` (the record of a run) and writes the run directory. Field names live here and in
-``reports/schema/report.schema.json``; ``tests/test_report_schema.py`` keeps the two in step."""
+"""Builds ``report.json`` (the record of a run) and writes the run directory. What a report may hold is the model
+in ``loadlab.reports.model`` (``reports/schema/report.schema.json`` is generated from it)."""
 from __future__ import annotations
 
 import json
@@ -157,8 +157,29 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class ReportVersionError(ValueError):
+    """A report.json this loadlab does not read: one sentence saying which version it is and what to do."""
+
+
+def version_problem(data: dict, path: Path) -> str | None:
+    """The sentence for a report of a version this loadlab does not read, else None."""
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version == SCHEMA_VERSION:
+        return None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        return (f"{path} is a report of schema version {version}, newer than this loadlab reads "
+                f"({SCHEMA_VERSION}); read it with the loadlab that wrote it, or upgrade loadlab.")
+    return (f"{path} has schema_version {version!r}, not a report version this loadlab reads ({SCHEMA_VERSION}); "
+            "run the scenario again to get a report of this version.")
+
+
 def load_report(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / REPORT_FILE).read_text())
+    path = Path(run_dir) / REPORT_FILE
+    data = json.loads(path.read_text())
+    problem = version_problem(data, path)
+    if problem:
+        raise ReportVersionError(problem)
+    return data
 
 
 def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) -> dict:

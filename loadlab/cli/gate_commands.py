@@ -29,12 +29,12 @@ def in_rules_file(exc: Exception, rules_file: str) -> str:
 
 
 def gate_run(run_dir: Path, rules_file: str, baseline: str | None) -> int:
-    from loadlab.reports.gates import GateConfigError, gaterun_dir_for
+    from loadlab.reports.gates import GateConfigError, gate_run_dir
     from loadlab.reports.render import write_rendered
     from loadlab.reports.report import load_report
 
     try:
-        code = gaterun_dir_for(run_dir, rules_file, baseline, console=console)
+        code = gate_run_dir(run_dir, rules_file, baseline, console=console)
     except GateConfigError as exc:
         raise UsageError(in_rules_file(exc, rules_file)) from None
     write_rendered(run_dir, load_report(run_dir))
@@ -57,13 +57,15 @@ def gate(run_dir, rules, baseline):
 def report(run_dir):
     """Rebuild report.html and summary.md from a run directory's report.json."""
     from loadlab.reports.render import write_rendered
-    from loadlab.reports.report import load_report
+    from loadlab.reports.report import ReportVersionError, load_report
 
     path = Path(run_dir)
     if not (path / REPORT_FILE).is_file():
         raise UsageError(f"RUN_DIR {run_dir!r} has no report.json; give the directory of a finished run.")
     try:
         data = load_report(path)
+    except ReportVersionError as exc:
+        raise UsageError(str(exc)) from None
     except ValueError as exc:
         raise UsageError(f"{path / 'report.json'} is not valid JSON ({exc}).") from None
     write_rendered(path, data)
