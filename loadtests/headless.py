@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics, tracing
 from loadlab.exporters.scrape import scrape_all
+from loadlab.loadtests.progress import ProgressLines
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler
 from loadlab.loadtests.runner import LocustRun, completion_listener
 from loadlab.loadtests.scenarios import Scenario, get_scenario
@@ -19,6 +20,7 @@ from loadlab.reports.session import RunSession
 from loadlab.stack.supervisor import Stack, start_stack
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command stopped by Ctrl-C
 
 
 def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: Scenario | None = None) -> int:
@@ -54,7 +56,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     loadgen_metrics.serve(settings, recorder)
     # this process's serialization counts so far (earlier runs of a campaign): the run's own are the difference
     own_serialization_before = serialization_totals(_own_metrics_text()) if settings.metrics == "on" else None
-    chaos = prometheus = None
+    chaos = prometheus = interrupted = None
     session = RunSession(settings, recorder, stack.app, run_dir, scenario.name)
     queue_depth = QueueDepthStats()
 
@@ -75,17 +77,24 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
             except PrometheusError as exc:
                 console.print(f"[bold red]error:[/] {exc}")
                 return EXIT_FAILED
+        lines = ProgressLines(console, settings.progress_interval_s)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                      TimeRemainingColumn(), console=console, transient=False) as progress:
+                      TimeRemainingColumn(), console=console, transient=False, disable=lines.enabled) as progress:
             bar = progress.add_task(f"load ({load.users} users, {load.duration_s:g}s)", total=1.0, detail="")
 
             def tick(fraction: float, stats: dict) -> None:
                 if prometheus is not None:
                     prometheus.refresh_targets()  # a worker restarted by chaos serves on a new port
                 c = recorder.counts
+                done = c['succeeded'] + c['failed']
                 progress.update(bar, completed=min(1.0, fraction),
-                                detail=f"{c['submitted']} sent, {c['succeeded'] + c['failed']} done, "
-                                       f"{recorder.outstanding} in flight")
+                                detail=f"{c['submitted']} sent, {done} done, {recorder.outstanding} in flight")
+                lines.line("load", c["submitted"], done, recorder.outstanding)
+
+            def drain_tick(left: int) -> None:
+                progress.update(drain, detail=f"{left} in flight")
+                c = recorder.counts
+                lines.line("drain", c["submitted"], c["succeeded"] + c["failed"], left)
 
             chaos = _start_chaos(stack, console)
             try:
@@ -93,10 +102,23 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
             except RuntimeError as exc:  # Locust workers that did not start
                 console.print(f"[bold red]error:[/] {exc}")
                 return EXIT_FAILED
+            except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C or SIGTERM: what ran so far is still reported
+                interrupted = _interruption(exc, "load", load)
+                console.print(f"[yellow]interrupted ({interrupted['signal']}) after "
+                              f"{interrupted['at_s']:g}s of load: draining for at most "
+                              f"{settings.interrupted_drain_s:g}s (Ctrl-C again skips it), then the report[/]")
             progress.update(bar, completed=1.0)
             recorder.mark_load_stopped(load.stopped_at)
-            drain = progress.add_task(f"drain (≤ {settings.drain_timeout_s:g}s)", total=None, detail="")
-            session.drain(tick=lambda left: progress.update(drain, detail=f"{left} in flight"))
+            drain_s = settings.interrupted_drain_s if interrupted else settings.drain_timeout_s
+            drain = progress.add_task(f"drain (≤ {drain_s:g}s)", total=None, detail="")
+            try:
+                session.drain(tick=drain_tick, timeout_s=drain_s)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                session.drained = False
+                interrupted = interrupted or _interruption(exc, "drain", load)
+                interrupted["drain_skipped"] = True
+            c = recorder.counts
+            lines.line("drained", c["submitted"], c["succeeded"] + c["failed"], recorder.outstanding, force=True)
     finally:
         sampler.stop()  # takes a last sample first: the queue as the drain left it
         if chaos is not None:
@@ -125,9 +147,17 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                            extra={"artefacts": artefacts,
                                   "queue_depth_sampling": queue_depth.summary(sampler, "the run's broker poll"),
                                   "serialization_measured": serialization,
-                                  **({"chaos": chaos_section} if chaos_section else {})})
+                                  **({"chaos": chaos_section} if chaos_section else {}),
+                                  **({"interrupted": interrupted} if interrupted else {})})
     _print_summary(report, run_dir, console)
-    return EXIT_OK
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def _interruption(exc: BaseException, during: str, load: LocustRun) -> dict:
+    signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM" if exc.code == 143 else "SIGHUP"
+    at_s = (load.stopped_at or time.time()) - load.started_at if load.started_at else 0.0
+    return {"signal": signal_name, "during": during, "at_s": round(at_s, 3), "load_duration_s": load.duration_s,
+            "drain_skipped": False}
 
 
 def _own_metrics_text() -> str:

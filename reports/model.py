@@ -349,6 +349,15 @@ class Chaos(Section):
     worker_restarts: list[WorkerRestart] = Field(default_factory=list)
 
 
+class Interrupted(Section):
+    """A run stopped by a signal: the report covers what ran."""
+    signal: Literal["SIGINT", "SIGTERM", "SIGHUP"]
+    during: Literal["load", "drain"]
+    at_s: float = seconds("Seconds of load before it stopped", ge=0)
+    load_duration_s: float = seconds("The load duration asked for", ge=0)
+    drain_skipped: bool = Field(description="A second signal cut the drain short")
+
+
 class UiSwarm(Section):
     swarm: int | None
     counted_from: str
@@ -389,6 +398,7 @@ class Report(Section):
     serialization_inband: list[InbandRow] | None = None
     scaling: Scaling | None = None
     chaos: Chaos | None = None
+    interrupted: Interrupted | None = None
     ui: UiSwarm | None = None
     gates: list[GateEntry] | None = None
 

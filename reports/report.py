@@ -110,6 +110,15 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
     report["littles_law"] = littles_law(report)
     if extra:
         report.update(extra)
+    interrupted = report.get("interrupted")
+    if interrupted:
+        report["verdict"]["problems"].insert(0, (
+            f"interrupted by {interrupted['signal']} during the {interrupted['during']}, "
+            f"{interrupted['at_s']:g}s into {interrupted['load_duration_s']:g}s of load"
+            + (", the drain skipped" if interrupted.get("drain_skipped") else "")
+            + ": the figures cover what ran"))
+        if report["verdict"]["status"] == "pass":
+            report["verdict"]["status"] = "warn"
     return report
 
 

@@ -25,10 +25,12 @@ class RunSession:
         self.scenario = scenario
         self.drained: bool | None = None
 
-    def drain(self, tick: Callable[[int], None] | None = None) -> bool:
-        """Waits until every submitted task is terminal or the drain deadline; past the deadline, asks the result
-        backend about the tasks still pending."""
-        self.drained = self.recorder.drain(self.settings.drain_timeout_s, tick=tick)
+    def drain(self, tick: Callable[[int], None] | None = None, timeout_s: float | None = None) -> bool:
+        """Waits until every submitted task is terminal or the drain deadline (``timeout_s``, else the settings'
+        drain timeout); past the deadline, asks the result backend about the tasks still pending."""
+        self.drained = False  # until the drain ends: an interrupted drain did not complete
+        self.drained = self.recorder.drain(self.settings.drain_timeout_s if timeout_s is None else timeout_s,
+                                           tick=tick)
         if not self.drained and self.app is not None:
             self.recorder.reconcile(self.app)
         return self.drained

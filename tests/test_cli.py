@@ -101,3 +101,52 @@ def test_up_binds_the_api_to_api_host(tmp_path):
         if proc.poll() is None:
             proc.kill()
     wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
+
+
+def test_without_a_terminal_a_run_prints_progress_lines_every_few_seconds(tmp_path):
+    """In a CI log the load's progress comes as plain lines while it runs, not only at the end."""
+    import re
+
+    result = run_cli("run", "smoke", "--duration", "8s", "--progress-interval-s", "2", "--out", str(tmp_path / "r"),
+                     timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    load = [tuple(map(int, m.groups())) for m in
+            re.finditer(r"^load (\d+)s: (\d+) sent, (\d+) done, \d+ in flight, [\d.]+ done/s$", result.stdout, re.M)]
+    assert len(load) >= 3, result.stdout
+    assert [sent for _, sent, _ in load] == sorted(sent for _, sent, _ in load) and load[-1][1] > load[0][1]
+    assert re.search(r"^drained \d+s: (\d+) sent, \1 done, 0 in flight", result.stdout, re.M), result.stdout
+    assert "━" not in result.stdout  # no bar drawn into the log
+
+
+def test_ctrl_c_during_the_load_writes_the_report_marked_interrupted_and_exits_130(tmp_path):
+    import json
+
+    import jsonschema
+
+    from loadlab.reports.report import SCHEMA_PATH
+
+    out = tmp_path / "int"
+    proc = subprocess.Popen([LOADLAB, "run", "smoke", "--duration", "120s", "--progress-interval-s", "1",
+                             "--out", str(out)], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        wait_until(lambda: lines.append(proc.stdout.readline()) or lines[-1].startswith("load ") or
+                   proc.poll() is not None, 120, interval=0, what="the load to start")
+        assert proc.poll() is None, "".join(lines)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert time.monotonic() - started < 60
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    interrupted = report["interrupted"]
+    assert interrupted["signal"] == "SIGINT" and interrupted["during"] == "load" and interrupted["at_s"] < 120
+    assert report["tasks"]["submitted"] > 0 and report["verdict"]["status"] in ("warn", "fail")
+    assert "interrupted by SIGINT" in report["verdict"]["problems"][0]
+    assert (out / "report.html").is_file() and "Aborted" not in rest
+    wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")

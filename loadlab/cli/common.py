@@ -17,10 +17,11 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
-                   "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "prometheus",
+                   "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "progress_interval_s", "interrupted_drain_s", "prometheus",
                    # options of one command each, not of every stack command
                    "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port"}
-RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s")
+RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s",
+              "progress_interval_s", "interrupted_drain_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

@@ -198,8 +198,10 @@ class Settings(BaseSettings):
     spawn_rate: float | None = Field(None, gt=0, description="Users started per second; unset = the scenario's own")
     locust_workers: int = Field(0, ge=0, le=64, description="Locust worker processes (0 = Locust runs in loadlab's own process)")
     warmup_s: float = Field(0.0, ge=0, description="Seconds at the start of the load left out of the steady window")
+    progress_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between the progress lines a run prints when its output is not a terminal (CI logs)")
     queue_sample_interval_s: float = Field(1.0, gt=0, le=60, description="Seconds between the run's polls of the queue depth (one sample per bucket of the report's time series at 1)")
     drain_timeout_s: float = Field(30.0, ge=0, description="How long to wait for queued tasks after the load stops")
+    interrupted_drain_s: float = Field(5.0, ge=0, le=3600, description="After Ctrl-C or SIGTERM during the load: how long the drain may take before the report is written (a second Ctrl-C skips it)")
     prometheus: bool = Field(False, description="Run Debian's Prometheus beside the run (every endpoint scraped each "
                              "second, alert rules evaluated); its TSDB stays in RUN_DIR/prometheus/ for "
                              "`loadlab dashboards render`")
