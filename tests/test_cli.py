@@ -57,10 +57,17 @@ def test_up_then_stop_leaves_no_process(tmp_path, stop_signal):
         wait_until(lambda: lines.append(proc.stdout.readline()) or "Ctrl-C" in lines[-1], 60, interval=0,
                    what="the stack to say it is up")
         assert len(processes_mentioning(str(out))) >= 4  # redis, 2 workers (+ pool children), api
-        proc.send_signal(stop_signal)
-        proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
+        _stop(proc, stop_signal, out)
+
+
+def _stop(proc, stop_signal, out) -> None:
+    """Signals ``loadlab up`` to stop and waits until no process of its run directory is left."""
+    if proc.poll() is None:
+        proc.send_signal(stop_signal)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             proc.kill()
     wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
 
@@ -95,12 +102,8 @@ def test_up_binds_the_api_to_api_host(tmp_path):
             assert response.status == 200
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    wait_until(lambda: not processes_mentioning(str(out)), 15, what="every child to exit")
+        _stop(proc, signal.SIGINT, out)
 
 
 def test_without_a_terminal_a_run_prints_progress_lines_every_few_seconds(tmp_path):

@@ -115,15 +115,18 @@ def generate_stream(n_events: int, *, workers: int = 12, task_names: int = 60, i
     return events[:n_events]
 
 
-def _time_loadlab(events: list[dict]) -> tuple[float, object]:
-    from loadlab.exporters.exporter_service import EventState
-
-    state = EventState(task_events=True)
-    handle = state.handle
+def _timed(events: list[dict], state, handle) -> tuple[float, object]:
     started = time.perf_counter()
     for event in events:
         handle(event)
     return time.perf_counter() - started, state
+
+
+def _time_loadlab(events: list[dict]) -> tuple[float, object]:
+    from loadlab.exporters.exporter_service import EventState
+
+    state = EventState(task_events=True)
+    return _timed(events, state, state.handle)
 
 
 def _time_flower(events: list[dict]) -> tuple[float, object]:
@@ -131,22 +134,14 @@ def _time_flower(events: list[dict]) -> tuple[float, object]:
     from flower.options import options
 
     state = EventsState(max_tasks_in_memory=options.max_tasks)
-    handle = state.event
-    started = time.perf_counter()
-    for event in events:
-        handle(event)
-    return time.perf_counter() - started, state
+    return _timed(events, state, state.event)
 
 
 def _time_celery(events: list[dict]) -> tuple[float, object]:
     from celery.events.state import State
 
     state = State()
-    handle = state.event
-    started = time.perf_counter()
-    for event in events:
-        handle(event)
-    return time.perf_counter() - started, state
+    return _timed(events, state, state.event)
 
 
 def run(n_events: int, rounds: int, seed: int = ExporterBench().seed) -> dict:
