@@ -2,7 +2,7 @@
 point, every mounted file present, every config consistent with the services it names, Prometheus config accepted by
 promtool.
 
-External inputs (the compose schema in ../shared/schemas, promtool, the not-yet-written modules a command names) skip
+External inputs (promtool, the not-yet-written modules a command names) skip
 when absent, unless ``LOADLAB_REQUIRE_SERVICES=1`` (CI), where their absence is a failure.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"  # see tests/data/README.md
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 
 # Executables our own image may run (console scripts of loadlab and its dependencies).
