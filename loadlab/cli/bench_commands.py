@@ -16,6 +16,7 @@ from loadlab.cli.common import (
     int_list,
     model_options,
     patch_for_locust,
+    preflight,
     run_dir_for,
     stack_options,
 )
@@ -36,6 +37,7 @@ def bench_publish_command(rounds, seconds, out, **options):
     from loadlab.bench.publish import bench_publish
 
     settings = build_settings(**options)
+    preflight(settings)
     run_dir = run_dir_for(out, "bench-publish")
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     install_stop_signals()

@@ -89,6 +89,17 @@ def build_settings(**given) -> Settings:
         raise UsageError(str(exc)) from None
 
 
+def preflight(settings: Settings) -> None:
+    """A given broker and result backend answer, or the command stops here with the sentence (exit 2)."""
+    from loadlab.stack.preflight import PreflightError
+    from loadlab.stack.preflight import preflight as check
+
+    try:
+        check(settings)
+    except PreflightError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def fail_usage(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_USAGE)

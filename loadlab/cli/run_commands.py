@@ -16,6 +16,7 @@ from loadlab.cli.common import (
     install_stop_signals,
     int_list,
     patch_for_locust,
+    preflight,
     run_dir_for,
     run_options,
     settings_options,
@@ -44,6 +45,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
     from loadlab.loadtests.scenarios import get_scenario
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
+    preflight(settings)
     get_scenario(settings.scenario)
     rules = None
     if gates_file:
@@ -76,6 +78,7 @@ def ui(scenario, out, **options):
     from loadlab.loadtests.webui import port_free, serve
 
     settings = build_settings(scenario=scenario, **options)
+    preflight(settings)
     get_scenario(settings.scenario)
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
@@ -114,6 +117,7 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
         build_settings(pool=pool)
     scenario_def = get_scenario(scenario)
     settings = build_settings(scenario=scenario, **options)
+    preflight(settings)
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
     run_dir = run_dir_for(out, "sweep")
@@ -164,6 +168,7 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
     shape_list = [v.strip() for v in shapes.split(",") if v.strip()]
     compression_list = [v.strip() for v in compressions.split(",")] if compressions else None
     settings = build_settings(**options)
+    preflight(settings)
     for shape in shape_list or [shapes]:
         if shape not in matrix.SHAPES:
             raise UsageError(f"--shapes {shape!r} is not a payload shape; use one of {', '.join(matrix.SHAPES)}.")

@@ -13,6 +13,7 @@ from loadlab.cli.common import (
     console,
     err_console,
     install_stop_signals,
+    preflight,
     run_dir_for,
     settings_options,
     stack_options,
@@ -29,6 +30,7 @@ def up(out, **options):
     from loadlab.stack.supervisor import start_stack
 
     settings = build_settings(**options)
+    preflight(settings)
     run_dir = run_dir_for(out, "up")
     install_stop_signals()
     stack = start_stack(settings, run_dir, console, err_console)
@@ -68,6 +70,7 @@ def api(**options):
     import os
 
     settings = build_settings(**options)
+    preflight(settings)
     if not settings.broker:
         raise UsageError("loadlab api needs --broker (or LOADLAB_BROKER); `loadlab up` starts an embedded one.")
     port = settings.api_port or settings.standalone_api_port
@@ -93,6 +96,7 @@ def exporter(queues, worker_timeout, task_events, **options):
     from loadlab.exporters.exporter_service import parse_queues
 
     settings = build_settings(**options)
+    preflight(settings)
     if not settings.broker and not settings.app:
         raise UsageError("loadlab exporter needs --broker (or LOADLAB_BROKER), e.g. --broker redis://127.0.0.1:6379/0.")
     try:

@@ -1,0 +1,94 @@
+"""A broker and result backend given by URL are checked before anything starts: connect, authenticate, the database
+exists, one round trip, within a few seconds. A failure is one sentence naming the option, the URL (password
+masked), host:port and the cause, where the stack would otherwise wait a minute for workers that cannot connect."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from loadlab.config.settings import Settings, mask_url
+
+TIMEOUT_S = 3.0
+
+
+class PreflightError(Exception):
+    """One sentence for the user (the CLI exits 2 on it)."""
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    default = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}.get(parts.scheme)
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = default
+    return f"{parts.hostname or 'localhost'}:{port}" if port else (parts.hostname or "localhost")
+
+
+def _cause(exc: BaseException) -> str:
+    exc = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "FATAL:" in text:  # PostgreSQL: the server's own words
+        text = text.rsplit("FATAL:", 1)[1].strip()
+    if isinstance(exc, ConnectionRefusedError) or "refused" in text.lower() and "access" not in text.lower():
+        return "connection refused"
+    if isinstance(exc, TimeoutError) or "timed out" in text.lower():
+        return f"no answer within {TIMEOUT_S:g}s"
+    return text[:200].rstrip(".")
+
+
+def _redis_round_trip(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_S, socket_timeout=TIMEOUT_S)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _amqp_round_trip(url: str) -> None:
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=TIMEOUT_S, transport_options={"max_retries": 0}) as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT_S)
+        connection.default_channel  # opens a channel: the vhost and the user's rights on it  # noqa: B018
+
+
+def _sql_round_trip(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine_url = url.removeprefix("db+")
+    connect_args = {} if engine_url.startswith("sqlite") else {"connect_timeout": int(TIMEOUT_S)}
+    engine = create_engine(engine_url, connect_args=connect_args, pool_pre_ping=False)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def check(option: str, url: str) -> None:
+    """Raises PreflightError with the sentence when ``url`` cannot be used."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("redis", "rediss"):
+        probe = _redis_round_trip
+    elif scheme in ("amqp", "amqps", "pyamqp"):
+        probe = _amqp_round_trip
+    elif scheme.startswith("db+"):
+        probe = _sql_round_trip
+    else:  # rpc:// rides on the broker, checked as the broker
+        return
+    try:
+        probe(url)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the sentence
+        place = "" if scheme.startswith("db+sqlite") else f" at {_where(url)}"
+        raise PreflightError(f"{option} {mask_url(url)}: cannot use it{place} ({_cause(exc)}); check that the "
+                             "service runs there and that the URL's user, password and database are right.") from None
+
+
+def preflight(settings: Settings) -> None:
+    """The given broker and result backend (the embedded ones are started by loadlab and need no check)."""
+    if settings.broker:
+        check("--broker", settings.broker)
+    if settings.backend and settings.backend != settings.broker:
+        check("--backend", settings.backend)
