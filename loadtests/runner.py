@@ -31,7 +31,7 @@ def completion_listener(environment: Environment) -> Callable[[str, str, float |
     fire = environment.events.request.fire
 
     def on_completion(task_name: str, state: str, end_to_end_s: float | None) -> None:
-        fire(request_type="celery", name=f"end_to_end {task_name}",
+        fire(request_type="celery", name=f"{END_TO_END_PREFIX}{task_name}",
              response_time=(end_to_end_s or 0.0) * 1000, response_length=0,
              exception=None if state == "SUCCESS" else RuntimeError(f"task {state}"), context={})
 
@@ -158,6 +158,24 @@ class LocustRun:
                 write(csv.writer(handle))
 
     def stats(self) -> dict:
-        total = self.environment.stats.total
-        return {"requests": total.num_requests, "failures": total.num_failures,
-                "rps": round(total.total_rps, 3)}
+        return locust_section(self.environment)
+
+
+END_TO_END_PREFIX = "end_to_end "
+
+
+def locust_section(environment: Environment) -> dict:
+    """The report's ``locust`` section: Locust's totals and its per-request table. ``request_failures`` leaves out
+    the ``end_to_end`` events, whose failures are tasks that failed (the ledger counts them), not failed requests."""
+    stats = environment.stats
+    rows = []
+    for (name, method), entry in sorted(stats.entries.items(), key=lambda item: (item[0][1], item[0][0])):
+        rows.append({"type": method, "name": name, "requests": entry.num_requests, "failures": entry.num_failures,
+                     "median_ms": round(entry.median_response_time or 0.0, 3),
+                     "p95_ms": round(entry.get_response_time_percentile(0.95) or 0.0, 3),
+                     "p99_ms": round(entry.get_response_time_percentile(0.99) or 0.0, 3),
+                     "max_ms": round(entry.max_response_time or 0.0, 3), "rps": round(entry.total_rps, 3)})
+    total = stats.total
+    end_to_end_failures = sum(r["failures"] for r in rows if r["name"].startswith(END_TO_END_PREFIX))
+    return {"requests": total.num_requests, "failures": total.num_failures, "rps": round(total.total_rps, 3),
+            "request_failures": total.num_failures - end_to_end_failures, "by_request": rows}

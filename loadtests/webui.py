@@ -59,7 +59,7 @@ from locust.event import Events
 from loadlab.config.settings import Settings
 from loadlab.exporters import ledger
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
-from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener
+from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust_section
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
 from loadlab.loadtests.users import build_user_classes
 from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
@@ -570,7 +570,6 @@ class SwarmWindows:
         """Locust's totals and CSV tables of the swarm, written into its report directory."""
         from locust.stats import StatsCSV
 
-        total = self.environment.stats.total
         locust_dir = window.report_dir / "locust"
         locust_dir.mkdir(parents=True, exist_ok=True)
         tables = StatsCSV(self.environment, [0.5, 0.9, 0.95, 0.99, 1.0])
@@ -578,7 +577,7 @@ class SwarmWindows:
                               ("_exceptions.csv", tables.exceptions_csv)):
             with open(locust_dir / f"locust{suffix}", "w", newline="") as handle:
                 write(csv.writer(handle))
-        return {"requests": total.num_requests, "failures": total.num_failures, "rps": round(total.total_rps, 3)}
+        return locust_section(self.environment)
 
     def _finish(self, window: Window) -> None:
         try:

@@ -108,10 +108,26 @@ class Throughput(Section):
     completed_per_s: float = per_s("Succeeded and failed tasks per second, first send to last finish")
 
 
+class LocustRequest(Section):
+    """One row of Locust's own per-request table."""
+    type: str
+    name: str
+    requests: int = count()
+    failures: int = count()
+    median_ms: float = ms()
+    p95_ms: float = ms()
+    p99_ms: float = ms()
+    max_ms: float = ms()
+    rps: float = per_s()
+
+
 class Locust(Section):
     requests: int = count("Locust's requests (publishes, HTTP calls and end_to_end events)")
     failures: int = count()
     rps: float = per_s()
+    request_failures: int | None = count("Failures of publishes and HTTP calls (end_to_end events left out: their "
+                                         "failures are tasks that failed)", default=None)
+    by_request: list[LocustRequest] | None = None
 
 
 # --- retries -----------------------------------------------------------------------------------------------------
@@ -300,6 +316,15 @@ class Drain(Section):
     lost_ids: list[str]
 
 
+class FailedTask(Section):
+    """A task that failed for good (its last attempt ended in FAILURE)."""
+    id: str
+    task: str | None
+    exception: str | None = Field(description="The exception type of the last attempt")
+    attempts: int = count()
+    finished_at: float | None = Field(description="Epoch seconds")
+
+
 class Verdict(Section):
     status: Literal["pass", "warn", "fail"]
     problems: list[str]
@@ -383,6 +408,8 @@ class Report(Section):
     serialization: list[SerializationRow]
     locust: Locust
     drain: Drain | None = None
+    failed_tasks: list[FailedTask] | None = Field(None, description="Every task that failed for good (the first "
+                                                                   "1000), with its exception and attempts")
     steady: Steady | None = None
     timeseries: list[TimeseriesRow] | None = Field(
         None, description="The run over time, at most 240 buckets of width_s seconds (1 s, doubled while the run "

@@ -24,6 +24,7 @@ SERIES_DIGITS = 2  # per-bucket histograms of the time series: 1 % resolution ke
 MAX_BUCKETS = 240  # with 4-byte counters and 2 digits: ~3 MB at most for the whole series
 RECENT_TERMINAL = 100_000
 RETRY_CHAIN_LIMIT = 1000
+FAILED_LISTED = 1000  # tasks that failed for good, listed in the report one by one
 
 
 def new_histogram(digits: int = HDR_DIGITS, word_size: int = 8) -> HdrHistogram:
@@ -150,6 +151,7 @@ class Recorder:
         self.recent_terminal: OrderedDict[str, None] = OrderedDict()
         self.retrying: dict[str, list] = {}               # id -> retry chain while the task is retrying
         self.retry_chains: list[dict] = []
+        self.failed_for_good: list[dict] = []  # the first FAILED_LISTED tasks that ended in FAILURE
         self.series: TimeSeries | None = None
         self._depth_before_series: tuple[float, int] | None = None  # the last queue sample before the first task
         self.first_sent_at: float | None = None
@@ -292,6 +294,9 @@ class Recorder:
             bucket.completed += 1
         else:
             bucket.failed += 1
+            if state == "FAILURE" and len(self.failed_for_good) < FAILED_LISTED:
+                self.failed_for_good.append({"id": task_id, "task": name, "exception": exc_type,
+                                             "attempts": (retries or 0) + 1, "finished_at": finished_at})
         self.last_finished_at = max(self.last_finished_at or finished_at, finished_at)
         # coordinated omission: with an intended send time, latency counts from when the request should have gone
         origin = intended_at or sent_at
@@ -431,6 +436,7 @@ class Recorder:
                     "chains": self.retry_chains[:50],
                 },
                 "lost_ids": list(self.pending)[:lost_ids_limit],
+                "failed": list(self.failed_for_good),
                 "steady": self._steady(),
                 "timeseries": self.series.rows() if self.series else [],
                 "load_stopped_s": round(self.load_stopped_at - self.series.start, 3)

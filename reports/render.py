@@ -360,6 +360,27 @@ def render_html(report: dict) -> str:
                         "uncompressed p50.</p></section>")
     if report.get("chaos"):
         sections.append(_faults_section(report["chaos"]))
+    failed_tasks = report.get("failed_tasks") or []
+    if failed_tasks:
+        shown = failed_tasks[:200]
+        sections.append(
+            "<section><h2>Tasks that failed for good</h2>" +
+            _table(["task id", "task", "exception", "attempts"],
+                   [[f["id"], f["task"], f["exception"], f["attempts"]] for f in shown], numeric_from=3) +
+            (f"<p>The first {len(shown)} of {report['tasks']['failed']}; report.json lists up to "
+             f"{len(failed_tasks)}.</p>" if report["tasks"]["failed"] > len(shown) else "") + "</section>")
+    by_request = (report.get("locust") or {}).get("by_request") or []
+    if by_request:
+        sections.append(
+            "<section><h2>Locust requests</h2>" +
+            _table(["type", "name", "requests", "failures", "median ms", "p95 ms", "p99 ms", "max ms", "req/s"],
+                   [[r["type"], r["name"], r["requests"], r["failures"], r["median_ms"], r["p95_ms"], r["p99_ms"],
+                     r["max_ms"], r["rps"]] for r in by_request], numeric_from=2) +
+            "<p>How Locust's requests relate to tasks: a Celery user's <code>publish TASK</code> is one "
+            "<code>apply_async</code> (one task sent); an HTTP user's <code>POST /tasks/TASK</code> submits one task "
+            "and its <code>GET /tasks/[id]</code> are status polls (no task); <code>end_to_end TASK</code> is fired "
+            "once for every task that finished, by the ledger (a failure there is a task that failed, counted in "
+            "the task ledger, not a failed request). Locust's total counts all of them.</p></section>")
     if lost_ids:
         sections.append("<section><h2>Lost task ids</h2><pre>" + html.escape("\n".join(lost_ids)) + "</pre></section>")
     if report.get("gates"):
@@ -441,6 +462,12 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {PHASE_LABELS[p]} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['max']:.2f} |")
     if v["problems"]:
         lines += ["", "Problems: " + "; ".join(v["problems"]) + "."]
+    failed_tasks = report.get("failed_tasks") or []
+    if failed_tasks:
+        lines += ["", "| failed for good | task | exception | attempts |", "|---|---|---|---:|"]
+        lines += [f"| `{f['id']}` | {f['task']} | {f['exception']} | {f['attempts']} |" for f in failed_tasks[:20]]
+        if report["tasks"]["failed"] > 20:
+            lines.append(f"| … {report['tasks']['failed'] - 20} more in report.json | | | |")
     if report.get("chaos"):
         lines += ["", "| fault | at s | promise (lost) | lost | as promised |", "|---|---:|---|---:|---|"]
         for f in report["chaos"]["faults"]:

@@ -101,6 +101,7 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "serialization": [],
         "locust": locust,
         "drain": {"completed": drained, "lost_ids": recorded["lost_ids"]},
+        "failed_tasks": recorded.get("failed", []),
         "steady": recorded.get("steady"),
         "timeseries": recorded["timeseries"],
         "timeseries_load_stopped_s": recorded.get("load_stopped_s"),
