@@ -31,7 +31,7 @@ def make_report(
         "throughput": {"submitted_per_s": 50.0, "completed_per_s": completed_per_s},
         "latency_ms": {name: _latency(p95) for name in ("publish", "queue_wait", "execution", "end_to_end")},
         "serialization": [{"serializer": "json", "compression": "none", "payload_bytes": 1024, "wire_bytes": 1400}],
-        "locust": {"requests": 1500, "failures": failures, "rps": 50.0},
+        "locust": {"requests": 1500, "failures": failures, "rps": 50.0, "request_failures": failures},
     }
 
 
@@ -442,4 +442,4 @@ def test_ci_rules_file_is_valid_and_passes_a_healthy_smoke_run() -> None:
     assert all(result.passed for result in evaluate(make_report(), rules))
     unhealthy = make_report(lost=3, failures=2)
     failed = {result.metric for result in evaluate(unhealthy, rules) if not result.passed}
-    assert failed == {"tasks.lost", "locust.failures"}
+    assert failed == {"tasks.lost", "locust.request_failures"}

@@ -45,13 +45,13 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
     from loadlab.loadtests.scenarios import get_scenario
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
-    preflight(settings)
     get_scenario(settings.scenario)
     rules = None
     if gates_file:
         rules = load_gate_rules(gates_file, baseline)
     elif baseline:
         raise UsageError(f"--baseline {baseline!r} is only used with --gates; add --gates FILE or leave --baseline out.")
+    preflight(settings)
     run_dir = run_dir_for(out, settings.scenario)
     install_stop_signals()
     code = execute_run(settings, run_dir, console=console)
@@ -78,10 +78,10 @@ def ui(scenario, out, **options):
     from loadlab.loadtests.webui import port_free, serve
 
     settings = build_settings(scenario=scenario, **options)
-    preflight(settings)
     get_scenario(settings.scenario)
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
+    preflight(settings)
     run_dir = run_dir_for(out, "ui")
     install_stop_signals()
     code = serve(settings, run_dir, settings.web_port, console=console)
@@ -117,9 +117,9 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
         build_settings(pool=pool)
     scenario_def = get_scenario(scenario)
     settings = build_settings(scenario=scenario, **options)
-    preflight(settings)
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
+    preflight(settings)
     run_dir = run_dir_for(out, "sweep")
     install_stop_signals()
     scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,
@@ -168,7 +168,6 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
     shape_list = [v.strip() for v in shapes.split(",") if v.strip()]
     compression_list = [v.strip() for v in compressions.split(",")] if compressions else None
     settings = build_settings(**options)
-    preflight(settings)
     for shape in shape_list or [shapes]:
         if shape not in matrix.SHAPES:
             raise UsageError(f"--shapes {shape!r} is not a payload shape; use one of {', '.join(matrix.SHAPES)}.")
@@ -176,6 +175,7 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
         if name not in matrix.available_compressions():
             raise UsageError(f"--compressions {name!r} is not available; use one of "
                              f"{', '.join(matrix.available_compressions())}.")
+    preflight(settings)
     run_dir = run_dir_for(out, "serialization")
     install_stop_signals()
     try:

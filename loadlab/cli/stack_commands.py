@@ -70,10 +70,10 @@ def api(**options):
     import os
 
     settings = build_settings(**options)
-    preflight(settings)
     if not settings.broker:
         raise UsageError("loadlab api needs --broker (or LOADLAB_BROKER); `loadlab up` starts an embedded one.")
     port = settings.api_port or settings.standalone_api_port
+    preflight(settings)
     # exec uvicorn in this process's place: the API runs as `loadlab api` itself, with the settings as its environment
     os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "loadlab.stack.api:create_app", "--factory",
                                "--host", settings.api_host, "--port", str(port), "--no-access-log",
@@ -96,13 +96,13 @@ def exporter(queues, worker_timeout, task_events, **options):
     from loadlab.exporters.exporter_service import parse_queues
 
     settings = build_settings(**options)
-    preflight(settings)
     if not settings.broker and not settings.app:
         raise UsageError("loadlab exporter needs --broker (or LOADLAB_BROKER), e.g. --broker redis://127.0.0.1:6379/0.")
     try:
         parse_queues(queues)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    preflight(settings)
     argv = [sys.executable, "-m", "loadlab.exporters.exporter_service", "--host", settings.metrics_host,
             "--port", str(settings.metrics_port or settings.exporter_port), "--queues", queues or ""]
     if worker_timeout:
