@@ -58,6 +58,7 @@ from locust.event import Events
 
 from loadlab.config.settings import Settings
 from loadlab.exporters import ledger
+from loadlab.loadtests.class_picker import tick_only
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
 from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust_section
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
@@ -717,6 +718,7 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
         web_ui = env.create_web_ui("127.0.0.1", web_port, delayed_start=True, userclass_picker_is_active=True,
                                    stats_csv_writer=writer)
         install_celery_tab(env, lambda: windows.recorder, monitor, window=windows.window_info)
+        tick_only(web_ui, [cls.__name__ for cls in env.user_classes])  # the chosen scenario's classes, alone
         web_ui.start()
         greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
         url = f"http://127.0.0.1:{web_port}"

@@ -7,16 +7,14 @@ import re
 from collections import defaultdict
 
 import pytest
+from celery.utils.dispatch import Signal
 from kombu.serialization import dumps, loads, registry
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from celery.utils.dispatch import Signal
-from prometheus_client.mmap_dict import MmapedDict
-
-from loadlab.exporters import metric_store, metrics, serializers
+from loadlab.exporters import metric_store, metrics, serializers, task_signals
 from loadlab.exporters.metric_store import MetricStore
-from loadlab.exporters import task_signals
 from tests.conftest import run_cli
 
 # DESIGN.md's task metrics plus the load generator's two: every one must be in a run's scrapes
@@ -235,3 +233,17 @@ def test_a_short_run_scrapes_every_metric_and_its_counters_equal_the_ledger(run_
     assert labels["queue"] == {"celery"}
     assert labels["task"] <= {f"loadlab.{t}" for t in ("noop", "cpu", "io", "flaky", "payload")}
 
+
+
+def test_bench_metric_store_compares_the_slot_files_with_prometheus_clients_public_values():
+    from loadlab.bench import metric_store as store_bench
+
+    amounts = [0.001, 0.02, 0.3, 4.0, 99.0]
+    ours, public = (store_bench.exposition(side, amounts) for side in (store_bench.loadlab_recorder,
+                                                                          store_bench.public_recorder))
+    assert ours == public and ours[("loadlab_bench_tasks_total", (("task", "t"),))] == len(amounts)
+    assert ours[("loadlab_bench_runtime_seconds_bucket", (("le", "+Inf"), ("task", "t")))] == len(amounts)
+    result = run_cli("bench", "metric-store", "--tasks", "1000", "--rounds", "2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "read back the same by MultiProcessCollector: yes" in result.stdout
+    assert re.search(r"public / store = [\d.]+ \[[\d.]+-[\d.]+\] .*: (met|missed|not resolved)", result.stdout)

@@ -16,15 +16,31 @@ import httpx
 import pytest
 import redis
 
-from loadlab.exporters import tracing
 from loadlab.config.settings import Settings
+from loadlab.exporters import celery_spans, otel_compat, traces_file, tracing
 from loadlab.stack.supervisor import Stack
-from tests.conftest import (MACHINE_REDIS, TEST_QUEUE_PREFIX, need_service, processes_mentioning, run_cli, unique,
-                            wait_until)
+from tests.conftest import (
+    MACHINE_REDIS,
+    TEST_QUEUE_PREFIX,
+    need_service,
+    processes_mentioning,
+    run_cli,
+    unique,
+    wait_until,
+)
 from tests.test_metrics import parse_prom, total
 
 CONSUMER, PRODUCER, SERVER, CLIENT = 5, 4, 2, 3
 RECYCLED = 100
+
+
+@pytest.fixture
+def fast_paths_on():
+    """The fast path under test runs, whatever ``LOADLAB_OTEL_FAST_PATHS`` says for the rest of the run."""
+    was = otel_compat.fast_paths()
+    otel_compat.use_fast_paths(True)
+    yield
+    otel_compat.use_fast_paths(was)
 
 
 def read_spans(path: Path) -> list[dict]:
@@ -57,7 +73,7 @@ def test_processes_appending_to_one_traces_file_never_interleave_lines(tmp_path)
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
     path = tmp_path / "traces.jsonl"
-    exporter = tracing.JsonLinesSpanExporter(path)
+    exporter = traces_file.JsonLinesSpanExporter(path)
     provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("t")
@@ -177,7 +193,7 @@ def test_write_through_processor_batches_flushes_idle_buffers_and_never_duplicat
     from opentelemetry.sdk.trace import TracerProvider
 
     path = tmp_path / "traces.jsonl"
-    processor = tracing.JsonLinesSpanProcessor(tracing.JsonLinesSpanExporter(path))
+    processor = traces_file.JsonLinesSpanProcessor(traces_file.JsonLinesSpanExporter(path))
     provider = TracerProvider(resource=Resource.create({"service.name": "t"}), shutdown_on_exit=False)
     provider.add_span_processor(processor)
     tracer = provider.get_tracer("t")
@@ -334,8 +350,9 @@ from loadlab.config.settings import Settings
 settings = Settings.build(tracing="all", metrics="off", run_dir=sys.argv[1])
 users = [gevent.spawn(celery_client, settings) for _ in range(8)]
 gevent.joinall(users, raise_error=True)
+# loadlab's hook on its one receiver (fast paths on) or contrib's own receiver (off): one set, not one per user
 publish_handlers = [h for h in task_signals.hooks_of(signals.before_task_publish) if "publish_hook" in repr(h)]
-assert not [r for r in signals.before_task_publish.receivers if "_trace_before_publish" in repr(r)]
+publish_handlers += [r for r in signals.before_task_publish.receivers if "_trace_before_publish" in repr(r)]
 print(len({id(user.value) for user in users}), len(publish_handlers))
 """
 
@@ -395,16 +412,16 @@ def test_the_span_encoder_writes_what_the_sdks_otlp_encoder_means(tmp_path):
     root.end()
     nested = tracer.start_span("apply_async/%d", context=trace.set_span_in_context(root), attributes=strings)
     nested.end()
-    exporter = tracing.JsonLinesSpanExporter(tmp_path / "traces.jsonl")
+    exporter = traces_file.JsonLinesSpanExporter(tmp_path / "traces.jsonl")
     for span in (parent, child, bare, root, nested, root):  # root again: from its template this time
-        ours = _without_empty_lists(json.loads(tracing.encode_span_json(span)))
+        ours = _without_empty_lists(json.loads(traces_file.encode_span_json(span)))
         assert ours == _otlp_reference_json(span), span.name
         (line,) = exporter.line(span).splitlines()
         (resource_spans,) = json.loads(line)["resourceSpans"]
         (scope_spans,) = resource_spans["scopeSpans"]
         assert scope_spans["scope"]["name"] == "t" and resource_spans["resource"]["attributes"]
         assert _without_empty_lists(scope_spans["spans"]) == [ours], span.name
-    assert len(tracing._LINE_TEMPLATES) >= 2
+    assert len(traces_file._LINE_TEMPLATES) >= 2
 
 
 def _without_empty_lists(value):
@@ -428,7 +445,7 @@ def _exported(limits=None, sampler=None):
 
 
 @pytest.mark.parametrize("max_length", [None, 4])
-def test_the_run_span_started_without_start_span_is_the_span_start_span_makes(max_length):
+def test_the_run_span_started_without_start_span_is_the_span_start_span_makes(max_length, fast_paths_on):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import SpanLimits
 
@@ -439,7 +456,7 @@ def test_the_run_span_started_without_start_span_is_the_span_start_span_makes(ma
     spans = []
     for lean in (True, False):
         tracer, exporter = _exported(SpanLimits(max_span_attribute_length=max_length))
-        start = tracing.started_spans(tracer)
+        start = otel_compat.started_spans(tracer)
         assert start is not None  # this SDK keeps the fields the lean path sets: the lean path is what runs
         span = (start("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes)) if lean else
                 tracer.start_span("run/loadlab.noop", parent_context, trace.SpanKind.CONSUMER, dict(attributes)))
@@ -470,7 +487,7 @@ def _traces_file_tracer(path: Path, sampler):
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
-    processor = tracing.JsonLinesSpanProcessor(tracing.JsonLinesSpanExporter(path))
+    processor = traces_file.JsonLinesSpanProcessor(traces_file.JsonLinesSpanExporter(path))
     provider = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler,
                               shutdown_on_exit=False)
     provider.add_span_processor(processor)
@@ -478,15 +495,16 @@ def _traces_file_tracer(path: Path, sampler):
 
 
 @pytest.mark.parametrize("mode", ["all", "sampled"])
-def test_spans_written_straight_to_the_traces_file_are_the_lines_the_sdks_spans_give(tmp_path, mode):
+def test_spans_written_straight_to_the_traces_file_are_the_lines_the_sdks_spans_give(tmp_path, mode, fast_paths_on):
     # run and store spans skip the SDK's ReadableSpan (and, under a sampled parent, the sampler's calls) on their way
     # to traces.jsonl: each line must say what the SDK's own span, ended through the processor, says
     from opentelemetry import trace
     from opentelemetry.sdk.trace import ReadableSpan
 
     tracer, processor = _traces_file_tracer(tmp_path / "traces.jsonl", tracing.sampler(Settings.build(tracing=mode)))
-    start, finished = tracing.started_spans(tracer), tracing.finished_spans(tracer)
-    assert tracing.traces_file_processor(tracer) is processor and start.decides_sampled_remote
+    write_span = traces_file.span_writer_for(tracer)
+    start, finished = otel_compat.started_spans(tracer, write_span), otel_compat.finished_spans(tracer, write_span)
+    assert write_span is not None and start.decides_sampled_remote
     parent = trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
                                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
     parent_context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
@@ -542,7 +560,7 @@ def test_a_task_s_traceparent_is_read_as_the_w3c_propagator_reads_it_or_left_to_
     valid = ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
              "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"]
     for traceparent in valid:
-        ours = tracing._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent))
+        ours = celery_spans._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent))
         assert ours == w3c(traceparent) and type(ours) is trace.SpanContext and ours.is_valid and ours.is_remote
         assert ours.trace_state == w3c(traceparent).trace_state
     for traceparent in ["00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero ids
@@ -550,18 +568,18 @@ def test_a_task_s_traceparent_is_read_as_the_w3c_propagator_reads_it_or_left_to_
                         "00-0af7651916cd43dd8448eb211c80319cxb7ad6b7169203331-01",  # no dash
                         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333z-01",  # not hex
                         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1", None, 55]:
-        assert tracing._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent)) is None
+        assert celery_spans._remote_parent(traceparent, SimpleNamespace(traceparent=traceparent)) is None
         assert traceparent is None or not isinstance(traceparent, str) or w3c(traceparent) is None
     # a tracestate or baggage is contrib's to read
-    assert tracing._remote_parent(valid[0], SimpleNamespace(traceparent=valid[0], tracestate="k=v")) is None
+    assert celery_spans._remote_parent(valid[0], SimpleNamespace(traceparent=valid[0], tracestate="k=v")) is None
 
 
-def test_the_lean_run_span_follows_the_sampler_for_a_root_it_drops():
+def test_the_lean_run_span_follows_the_sampler_for_a_root_it_drops(fast_paths_on):
     from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     tracer, exporter = _exported(sampler=ParentBased(TraceIdRatioBased(0.5)))
-    start = tracing.started_spans(tracer)
+    start = otel_compat.started_spans(tracer)
     spans = [start("run/loadlab.noop", None, trace.SpanKind.CONSUMER, {}) for _ in range(400)]
     kept = [s for s in spans if s.is_recording()]
     assert 100 < len(kept) < 300  # the ratio sampler decided, per trace id

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (LOADLAB, REPO, REQUIRE_SERVICES, need_service, processes_mentioning, run_cli, unique,
-                            wait_until)
+from tests.conftest import (
+    LOADLAB,
+    REPO,
+    REQUIRE_SERVICES,
+    need_service,
+    processes_mentioning,
+    run_cli,
+    unique,
+    wait_until,
+)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(os.environ.get("LOADLAB_ARTIFACTS_DIR", REPO / "reports" / "artifacts"))
@@ -204,7 +212,13 @@ def test_celery_tab_in_headless_chromium(run_dir):
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 1100})
                 page.goto(url)
-                # scenarios are user classes in the picker: start from none, pick the smoke scenario's two classes
+                # every scenario is in the picker; the chosen one (smoke, the default) starts ticked alone
+                page.wait_for_selector("tbody tr input[type=checkbox]", timeout=15_000)
+                picker = page.locator("tbody tr", has=page.locator("input[type=checkbox]"))
+                wait_until(lambda: {picker.nth(i).locator("td").nth(1).inner_text()
+                                    for i in range(picker.count()) if picker.nth(i).locator("input").is_checked()}
+                           == set(SMOKE_CLASSES), 10, 0.2, "the smoke classes ticked alone")
+                assert picker.count() > len(SMOKE_CLASSES)
                 pick_smoke(page, 4)
                 page.get_by_role("button", name="Start").click()
                 page.get_by_role("tab", name="Celery").click()

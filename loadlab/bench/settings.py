@@ -28,3 +28,8 @@ class ExporterBench(BaseModel):
     events: int = Field(50_000, ge=1000, description="Events in the stream")
     rounds: int = Field(3, ge=1, description="Alternating rounds")
     seed: int = Field(7, description="Seed of the generated stream")
+
+
+class MetricStoreBench(BaseModel):
+    tasks: int = Field(100_000, ge=1000, description="Tasks recorded per side and round")
+    rounds: int = Field(7, ge=1, description="Interleaved rounds")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from loadlab.bench.settings import ExporterBench, OverheadBench, PublishBench, RecorderBench
+from loadlab.bench.settings import ExporterBench, MetricStoreBench, OverheadBench, PublishBench, RecorderBench
 from loadlab.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -105,3 +105,16 @@ def bench_exporter(events, rounds, seed, out):
     code = subprocess.call([sys.executable, "-m", "loadlab.bench.events", "--events", str(events),
                             "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir)])
     sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
+
+
+@bench.command("metric-store")
+@model_options(MetricStoreBench)
+def bench_metric_store(tasks, rounds):
+    """loadlab's metric store (prometheus_client's multiprocess files, written itself) vs prometheus_client's
+    public MultiProcessValue, per task recorded: the ratio, and whether the private layout is worth keeping."""
+    from loadlab.bench.metric_store import render, run
+
+    with console.status(f"{rounds} interleaved rounds of {tasks:,} tasks per side…"):
+        result = run(tasks, rounds)
+    console.print(render(result), highlight=False, soft_wrap=True)
+    sys.exit(EXIT_OK if result["same_exposition"] else EXIT_FAILED)

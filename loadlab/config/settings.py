@@ -169,6 +169,7 @@ class Settings(BaseSettings):
     queue: str = Field("celery", pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Queue the tasks go to and the workers consume")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     trace_sample_ratio: float = Field(0.1, gt=0, le=1, description="Share of traces kept with --tracing sampled (parent-based)")
+    otel_fast_paths: bool = Field(True, description="Tracing's fast paths beside the OpenTelemetry public API (each behind a probe of the installed version; off: the public API only)")
     metrics: OnOff = Field("on", description="Prometheus metrics")
     metrics_host: str = Field("127.0.0.1", description="Address the /metrics endpoints bind (containers need 0.0.0.0)")
     metrics_port: int = Field(0, ge=0, le=65535, description="/metrics port of a standalone process (0 = its default, or a free port inside the stack)")
