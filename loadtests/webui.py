@@ -13,6 +13,12 @@ What the tab shows, and where it comes from:
 * tasks by state, retries, and the publish / queue_wait / execution / end_to_end percentiles — loadlab's run
   recorder (its ledger counts and HDR histograms, not Locust's rounded buckets).
 
+Above the table, ``webui_assets/celery_charts.js`` (served on ``/celery/charts.js`` and added to Locust's page) draws
+live charts from ``/celery/stats`` every two seconds — throughput by state, queue depth ready and unacked, end-to-end
+p50/p95, over time (the recorder's per-second series, the monitor's recent queue polls) — and tables per task name
+(final states, end-to-end percentiles: the report's ``latency_ms_extra.end_to_end_by_task``) and per worker (the
+attempts each finished). It keeps polling after a stop, when Locust's own page no longer does.
+
 Broker reads and pings run in background greenlets that cache their last answer; a request only formats what is
 cached, so a slow broker never stalls the UI.
 
@@ -46,8 +52,10 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +77,8 @@ from loadlab.reports.session import RunSession
 TAB_KEY = "celery"
 STATS_ROUTE = "/celery/stats"
 CSV_ROUTE = "/celery/stats/csv"
+CHARTS_ROUTE = "/celery/charts.js"
+CHART_POINTS = 300  # samples per chart line: five minutes at one per second
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 1.0
 TABLE_STRUCTURE = [
@@ -156,12 +166,20 @@ class CeleryMonitor:
         # its on_sample (epoch seconds, depth; depth None when the poll failed) feeds the reports' queue depth
         self.queue_sampler = QueueSampler(self.app, self.queue, settings.queue_sample_interval_s)
         self.worker_state: dict = {"up": None, "names": [], "error": None, "at": None}
+        # the tab's queue chart: [epoch s, ready, unacked] of the sampler's recent polls
+        self.queue_history: deque = deque(maxlen=CHART_POINTS)
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> "CeleryMonitor":
         self.queue_sampler.start()
-        self._greenlets = [gevent.spawn(self._every, self.ping_interval_s, self.refresh_workers)]
+        self._greenlets = [gevent.spawn(self._every, self.ping_interval_s, self.refresh_workers),
+                           gevent.spawn(self._every, self.settings.queue_sample_interval_s, self.remember_queue)]
         return self
+
+    def remember_queue(self) -> None:
+        state = self.queue_sampler.state
+        if state["at"] is not None and (not self.queue_history or self.queue_history[-1][0] != state["at"]):
+            self.queue_history.append([state["at"], state["depth"], state["unacked"]])
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, timeout=5)
@@ -218,6 +236,17 @@ def celery_stats(recorder, monitor: CeleryMonitor | None, since: float, window: 
         out["retries"] = {"retried": c["retried"], "tasks_retried": recorder.tasks_retried,
                           "exhausted": recorder.exhausted}
         out["latency_ms"] = {phase: histogram_stats_ms(recorder.histograms[phase]) for phase in REPORT_PHASES}
+        # per task name and per worker: the report's latency_ms_by_task, and the attempts each worker finished
+        out["by_task"] = {name: {"states": dict(sorted(recorder.per_task_states.get(name, {}).items())),
+                                 "end_to_end_ms": histogram_stats_ms(hist)}
+                          for name, hist in sorted(recorder.per_task.items())}
+        out["by_worker"] = {host: dict(sorted(states.items()))
+                            for host, states in sorted(recorder.per_worker_states.items())}
+        series = recorder.series
+        out["series"] = {"start": series.start, "rows": series.rows()[-CHART_POINTS:]} if series else None
+    if monitor is not None:
+        out["queue_history"] = [[at, depth, unacked] for at, depth, unacked in list(monitor.queue_history)
+                                if at >= since]
     return out
 
 
@@ -312,8 +341,18 @@ def install_celery_tab(environment: Environment, recorder: Callable[[], object |
         return Response(data.getvalue(), mimetype="text/csv",
                         headers={"Content-Disposition": "attachment;filename=loadlab_celery_stats.csv"})
 
+    @web_ui.app.route(CHARTS_ROUTE)
+    @web_ui.auth_required_if_enabled
+    def celery_charts_js():
+        script = resources.files("loadlab.loadtests").joinpath("webui_assets/celery_charts.js").read_text()
+        return Response(script, mimetype="text/javascript")
+
     @web_ui.app.after_request
     def add_celery_stats(response):
+        if request.path == "/" and response.status_code == 200 and response.mimetype == "text/html":
+            page = response.get_data(as_text=True)  # the tab's charts, drawn by a script of the page's own
+            response.set_data(page.replace("</body>", f'<script src=".{CHARTS_ROUTE}"></script>\n</body>', 1))
+            return response
         if request.path != "/stats/requests" or response.status_code != 200 or not response.is_json:
             return response
         body = response.get_json()

@@ -137,6 +137,8 @@ class Recorder:
         self.on_completion = on_completion
         self.histograms = {phase: new_histogram() for phase in PHASES}
         self.per_task: dict[str, HdrHistogram] = {}
+        self.per_task_states: dict[str, dict[str, int]] = {}    # short task name -> final state -> tasks
+        self.per_worker_states: dict[str, dict[str, int]] = {}  # worker hostname -> attempt state -> attempts
         self.backoff = new_histogram()
         self.backoff_by_retry: dict[int, HdrHistogram] = {}  # retry number (1 = first retry) -> observed delay
         self.first_publish_to_success = new_histogram()
@@ -259,6 +261,9 @@ class Recorder:
             if body_done_at is not None:
                 record_seconds(self.histograms["execution"], max(0.0, body_done_at - started_at))
                 record_seconds(self.histograms["result_store"], max(0.0, finished_at - body_done_at))
+        if hostname and (state == "RETRY" or state in ledger.TERMINAL_STATES):
+            states = self.per_worker_states.setdefault(hostname, {})
+            states[state] = states.get(state, 0) + 1
         attempt = {"attempt": (retries or 0) + 1, "state": state, "exception": exc_type, "started_at": started_at,
                    "failed_at": body_done_at, "eta": eta}
         if state == "RETRY":
@@ -289,6 +294,8 @@ class Recorder:
             self.recent_terminal.popitem(last=False)
         key = {"SUCCESS": "succeeded", "FAILURE": "failed", "REVOKED": "revoked", "REJECTED": "rejected"}[state]
         self.counts[key] += 1
+        states = self.per_task_states.setdefault(name.rsplit(".", 1)[-1] if name else "?", {})
+        states[state] = states.get(state, 0) + 1
         bucket = self._series(finished_at)
         if state == "SUCCESS":
             bucket.completed += 1

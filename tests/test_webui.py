@@ -158,6 +158,26 @@ def assert_report_is_the_tabs(report: dict, stats: dict) -> None:
     assert report["tasks"]["retried"] == stats["retries"]["retried"]
     assert report["retries"]["tasks_retried"] == stats["retries"]["tasks_retried"]
     assert report["latency_ms"] == stats["latency_ms"]
+    # the tab's per-task table is the report's latency_ms_by_task; per worker, the attempts add up to the ledger's
+    assert {name: t["end_to_end_ms"] for name, t in stats["by_task"].items()} == report["latency_ms_extra"]["end_to_end_by_task"]
+    assert sum(t["states"].get("SUCCESS", 0) for t in stats["by_task"].values()) == report["tasks"]["succeeded"]
+    workers = stats["by_worker"].values()
+    assert sum(w.get("SUCCESS", 0) for w in workers) == report["tasks"]["succeeded"]
+    assert sum(w.get("RETRY", 0) for w in workers) == report["tasks"]["retried"]
+
+
+def tab_charts(page) -> dict[str, dict[str, int]]:
+    """The Celery tab's charts: title -> series -> points drawn."""
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.loadlab-chart')].map(c => [
+        c.dataset.title, Object.fromEntries([...c.querySelectorAll('polyline')].map(l => [
+            l.dataset.series, l.getAttribute('points').trim() ? l.getAttribute('points').trim().split(' ').length : 0]))]))""")
+
+
+def tab_table(page, key: str) -> dict[str, list[str]]:
+    """A per-task or per-worker table of the tab: first column -> the other columns."""
+    rows = page.evaluate(f"""() => [...document.querySelectorAll('table[data-table={key}] tr')].slice(1)
+        .map(r => [...r.children].map(c => c.textContent))""")
+    return {row[0]: row[1:] for row in rows}
 
 
 def pick_smoke(page, users: int) -> None:
@@ -235,6 +255,15 @@ def test_celery_tab_in_headless_chromium(run_dir):
                 # the selection reached the server: only the smoke scenario's classes run
                 tasks = get_json(f"{url}/tasks")
                 assert set(tasks["per_class"]) == set(SMOKE_CLASSES)
+                # live charts: throughput by state, queue ready + unacked, end-to-end p50/p95, over time
+                charts = wait_tab(page, lambda p: (c := tab_charts(p)) and min(
+                    c.get("Throughput by state", {}).get("succeeded", 0), c.get("Queue depth", {}).get("ready", 0),
+                    c.get("End-to-end latency", {}).get("p95", 0)) >= 3 and c, 20, "charts with points")
+                assert set(charts) == {"Throughput by state", "Queue depth", "End-to-end latency"}
+                assert set(charts["Queue depth"]) == {"ready", "unacked"}
+                live = get_json(f"{url}/celery/stats")
+                assert set(tab_table(page, "by_task")) <= set(live["by_task"]) and tab_table(page, "by_task")
+                assert set(tab_table(page, "by_worker")) == set(live["by_worker"]) and len(live["by_worker"]) == 1
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 shot = ARTIFACTS / "webui-celery-tab.png"
                 page.screenshot(path=str(shot), full_page=True)
@@ -269,6 +298,10 @@ def test_celery_tab_in_headless_chromium(run_dir):
                 show_stopped(page, url)
                 wait_tab(page, lambda p: "swarm-001/report.html" in metric_value(p, "Report"), 10, "the report path")
                 assert tab_int(page, "Tasks submitted") == report1["tasks"]["submitted"]
+                # the tab's per-task table after the drain: the report's samples per task
+                wait_tab(page, lambda p: {name: int(cols[-1]) for name, cols in tab_table(p, "by_task").items()} == {
+                    name: lat["count"] for name, lat in report1["latency_ms_extra"]["end_to_end_by_task"].items()}, 10,
+                    "the per-task table of the report")
                 shot = ARTIFACTS / "webui-celery-tab-stopped.png"
                 page.screenshot(path=str(shot), full_page=True)
                 print(f"screenshot of the Celery tab (swarm 1 stopped, report written): {shot}")
