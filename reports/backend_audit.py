@@ -22,7 +22,8 @@ def _expires_s(app) -> float | None:
 
 
 def _ignores_result(app, name: str | None) -> bool:
-    task = app.tasks.get(name) if name else None
+    # the registry as it is: app.tasks would finalize an app that only sent tasks (and run its decorators again)
+    task = app._tasks.get(name) if name else None
     if task is not None:
         return bool(task.ignore_result)
     return bool(app.conf.task_ignore_result)

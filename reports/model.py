@@ -325,7 +325,8 @@ class LittlesLaw(Section):
     ratio: float | None = ratio("observed / predicted")
     window_start_s: float | None = seconds("Start of the window on the time series' axis", default=None)
     window_s: float | None = seconds("T: the window's length", default=None)
-    tolerance: float | None = _figure("ratio", "Allowed |ratio - 1|: 5 % plus 2·W/T (tasks straddling the window's edges)",
+    tolerance: float | None = _figure("ratio", "Allowed |ratio - 1|: 5 % plus E[W²]/(E[W]·T), what the tasks "
+                                    "straddling the window's two edges move the ratio by in a steady state",
                                     default=None)
     within_tolerance: bool | None = None
     reason: str | None = Field(None, description="Why the ratio is outside the tolerance")
