@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loadlab.reports.backend_audit import LISTED
+from loadlab.reports.recorder import ARRIVALS_KEPT, AUDITED_MAX, LITTLE_TOLERANCE, SATURATED_GROWTH
 from loadlab.reports.report import SCHEMA_PATH, SCHEMA_VERSION
 
 UNITS = ("ms", "us", "s", "/s", "bytes", "count", "ratio")
@@ -309,8 +311,9 @@ class Steady(Section):
     backlog_start: int | None = count("Tasks sent and not yet finished when the window started", default=None)
     backlog_end: int | None = count("Tasks sent and not yet finished when the load stopped", default=None)
     backlog_growth_per_s: float | None = _figure("/s", "(backlog_end - backlog_start) / window_s", default=None)
-    saturated: bool | None = Field(None, description="The backlog grew by more than 5 % of the tasks the window "
-                                                     "completed: the stack did not keep up, its rate is its capacity")
+    saturated: bool | None = Field(None, description=f"The backlog grew by more than {SATURATED_GROWTH:.0%} of the "
+                                                     "tasks the window completed: the stack did not keep up, its rate "
+                                                     "is its capacity")
     end_to_end_ms: LatencyMs = Field(description="Tasks that finished in the window")
 
 
@@ -325,7 +328,7 @@ class LittlesLaw(Section):
     ratio: float | None = ratio("observed / predicted")
     window_start_s: float | None = seconds("Start of the window on the time series' axis", default=None)
     window_s: float | None = seconds("T: the window's length", default=None)
-    tolerance: float | None = _figure("ratio", "Allowed |ratio - 1|: 5 % plus E[W²]/(E[W]·T), what the tasks "
+    tolerance: float | None = _figure("ratio", f"Allowed |ratio - 1|: {LITTLE_TOLERANCE:.0%} plus E[W²]/(E[W]·T), what the tasks "
                                     "straddling the window's two edges move the ratio by in a steady state",
                                     default=None)
     within_tolerance: bool | None = None
@@ -343,7 +346,7 @@ class Arrivals(Section):
     peak_per_slot: int = count("Most sends in one slot")
     mean_per_slot: float = count("Mean sends per slot")
     peak_to_mean: float | None = ratio("peak_per_slot / mean_per_slot")
-    truncated: bool = Field(description="Only the first 200000 sends were kept")
+    truncated: bool = Field(description=f"Only the first {ARRIVALS_KEPT} sends were kept")
 
 
 class AuditedTask(Section):
@@ -368,8 +371,8 @@ class BackendAudit(Section):
     matching: int = count()
     mismatches: int = count()
     by_kind: BackendAuditKinds
-    tasks: list[AuditedTask] = Field(description="The first 100 mismatching tasks")
-    truncated: bool = Field(description="Only the first 200000 finished tasks were audited")
+    tasks: list[AuditedTask] = Field(description=f"The first {LISTED} mismatching tasks")
+    truncated: bool = Field(description=f"Only the first {AUDITED_MAX} finished tasks were audited")
     error: str | None = Field(None, description="Why the backend could not be read")
 
 

@@ -1,13 +1,16 @@
 """The run recorder: consumes the ledger channel, follows every submitted task id to a terminal state, and keeps
 phase latencies in HDR histograms. Memory is bounded by what is in flight, not by how many tasks ran: finished ids
 leave the ledger (a bounded window of recent ones is kept to recognise redeliveries), histograms have a fixed size,
-and the time series merges neighbouring buckets when it grows past ``MAX_BUCKETS``.
+and the time series merges neighbouring buckets when it grows past ``MAX_BUCKETS``. Two records of every task are
+kept up to a cap: its send time (``ARRIVALS_KEPT``, for the arrival process) and its final state
+(``AUDITED_MAX``, for the result backend audit).
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,9 +29,9 @@ MAX_BUCKETS = 240  # with 4-byte counters and 2 digits: ~3 MB at most for the wh
 RECENT_TERMINAL = 100_000
 RETRY_CHAIN_LIMIT = 1000
 FAILED_LISTED = 1000  # tasks that failed for good, listed in the report one by one
-ARRIVALS_KEPT = 200_000  # send times kept for the arrival process (16 bytes each at most)
+ARRIVALS_KEPT = 200_000  # send times kept for the arrival process (8 bytes each)
 ARRIVAL_SLOT_S = 0.1  # peak-to-mean of the arrivals is taken per slot of this width
-AUDITED_MAX = 200_000  # terminal tasks kept (id, task, state, finish) for the result backend audit
+AUDITED_MAX = 100_000  # finished tasks kept (id, task, state, finish; ~180 bytes each) for the result backend audit
 # Little's law over a finite window T holds up to the tasks straddling its two edges: in a steady state the tasks
 # in the system at an edge have been there λ·E[W²]/2 task-seconds in all, so each edge moves L/λW by about
 # E[W²]/(2·E[W]·T) (long retries weigh); the ratio may stray by E[W²]/(E[W]·T) besides this allowance
@@ -210,7 +213,7 @@ class Recorder:
         self.steady_completed = 0
         self.sent_before_steady = 0
         self.left_before_steady = 0
-        self.arrival_times: list[float] = []  # the first ARRIVALS_KEPT send times
+        self.arrival_times = array("d")  # the first ARRIVALS_KEPT send times
         self.terminal_log: list[tuple[str, str, str, float]] = []  # (id, task, state, finished_at) for the audit
         self._client = None
         self._stop = threading.Event()
