@@ -11,7 +11,7 @@ from rich.console import Console
 from loadlab.config.settings import Settings
 from loadlab.loadtests.headless import execute_run
 from loadlab.reports.report import REPORT_FILE
-from loadlab.reports.scaling import ScalingError, fit_usl, knee
+from loadlab.reports.scaling import usl_section
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -59,24 +59,6 @@ def sweep_settings(base_masked: dict, scaling: dict) -> dict:
             "points": [{"n": p["n"], "workers": p["workers"], "concurrency": p["concurrency"], "pool": p["pool"],
                         "prefetch_multiplier": p["prefetch_multiplier"],
                         "settings": f"{p['run_dir']}/settings.json"} for p in scaling["points"]]}
-
-
-def usl_section(points: list[dict]) -> dict:
-    """The USL fit of a sweep's points, or the sentence saying why there is none."""
-    by_n: dict[int, list[float]] = {}
-    for p in points:
-        by_n.setdefault(p["n"], []).append(p["completed_per_s"])
-    pairs = [(n, max(xs)) for n, xs in sorted(by_n.items())]
-    try:
-        fit = fit_usl(pairs)
-    except ScalingError as exc:
-        return {"usl": None, "usl_note": str(exc)}
-    measured_max = max(n for n, _ in pairs)
-    predictions = [{"n": n, "completed_per_s": round(fit.predict(n), 3), "prediction": True}
-                   for n in (measured_max * 2, measured_max * 4)]
-    k = knee(fit, pairs)
-    return {"usl": fit.as_dict(), "knee_n": None if k == float("inf") else round(k, 2),
-            "predictions": predictions}
 
 
 SHARE_MEASURED, SHARE_OFFLINE = "measured", "offline_estimate"

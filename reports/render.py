@@ -263,6 +263,8 @@ def render_html(report: dict) -> str:
     headline = (f"{tasks['submitted']:,} tasks submitted, {tasks['succeeded']:,} succeeded, {tasks['failed']:,} failed, "
                 f"{tasks['lost']:,} lost · {report['throughput']['completed_per_s']:.1f} completed/s · "
                 f"end-to-end p95 {lat['end_to_end']['p95']:.1f} ms")
+    if report.get("scaling"):  # a sweep's runs are not one run: its head says what was swept
+        headline = _sweep_markdown(report)[0] + " · " + _usl_line(report["scaling"])
     phases = [[PHASE_LABELS[p], lat[p]["count"], lat[p]["mean"], lat[p]["p50"], lat[p]["p90"], lat[p]["p95"],
                lat[p]["p99"], lat[p]["max"]] for p in REPORT_PHASES]
     extra = report.get("latency_ms_extra", {})

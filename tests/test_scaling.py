@@ -170,3 +170,16 @@ def test_a_sweep_recovers_the_capacity_of_a_stack_whose_capacity_is_known(tmp_pa
     assert settings["sweep"]["concurrency"] == [1, 2, 3, 4] and len(settings["points"]) == 4
     assert all((out / p["settings"]).is_file() for p in settings["points"])
     assert report["settings"]["concurrency"] is None and report["settings"]["pool"] is None
+
+
+def test_points_that_kept_up_with_the_load_are_left_out_of_the_fit() -> None:
+    from loadlab.reports.scaling import usl_section
+
+    def point(n, rate, saturated):
+        return {"n": n, "completed_per_s": rate, "saturated": saturated}
+
+    capacity = [point(n, usl(n, LAM, SIGMA, 0.0), True) for n in (1, 2, 3, 4)]
+    section = usl_section(capacity + [point(8, 200.0, False)])  # N=8 measured the 200/s offered, not its capacity
+    assert rel(section["usl"]["lambda"], LAM) < 0.01 and rel(section["usl"]["sigma"], SIGMA) < 0.05
+    section = usl_section(capacity[:1] + [point(n, 200.0, False) for n in (2, 3, 4)])
+    assert section["usl"] is None and "N=2, 3, 4 kept up with the load" in section["usl_note"]

@@ -133,13 +133,15 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     write_json(run_dir / "settings.json", described)
     write_json(run_dir / REPORT_FILE, report)
     write_rendered(run_dir, report)
+    for p in scaling["points"]:
+        backlog = "" if p["backlog_growth_per_s"] is None else (
+            f", backlog {p['backlog_growth_per_s']:+.1f}/s"
+            + (" (saturated: the capacity)" if p["saturated"] else " (not saturated: the load offered)"))
+        console.print(f"N={p['n']} ({p['workers']}×{p['pool']}({p['concurrency']}), prefetch "
+                      f"{p['prefetch_multiplier']}): {p['completed_per_s']:.1f} completed/s in the steady window"
+                      + backlog)
     if scaling.get("usl"):
         u = scaling["usl"]
-        for p in scaling["points"]:
-            console.print(f"N={p['n']} ({p['workers']}×{p['pool']}({p['concurrency']}), prefetch "
-                          f"{p['prefetch_multiplier']}): {p['completed_per_s']:.1f} completed/s in the steady window, "
-                          f"backlog {p['backlog_growth_per_s']:+.1f}/s"
-                          + (" (saturated: the capacity)" if p["saturated"] else " (not saturated: the load offered)"))
         console.print(f"USL: λ={u['lambda']:.2f}/s σ={u['sigma']:.4f} κ={u['kappa']:.5f} "
                       f"peak N={u['n_peak']} R²={u['r2']:.3f}")
     else:
