@@ -11,54 +11,54 @@ from rich.console import Console
 from loadlab.config.settings import Settings
 from loadlab.loadtests.headless import execute_run
 from loadlab.reports.report import REPORT_FILE
-from loadlab.reports.scaling import ScalingError, fit_usl, knee
+from loadlab.reports.scaling import usl_section
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def _point_run(settings: Settings, run_dir: Path, console: Console) -> dict | None:
-    return _point_run_scenario(settings, run_dir, console, None)
-
-
 def run_sweep(base: Settings, out: Path, console: Console, *, workers: list[int], concurrency: list[int],
-              prefetch: list[int], pools: list[str]) -> dict:
-    """One real run per point; warm-up excluded, the steady window measured; USL fit over N = workers × concurrency."""
+              prefetch: list[int], pools: list[str], scenario=None) -> dict:
+    """One real run per point; warm-up excluded, the steady window measured; USL fit over N = workers × concurrency.
+    ``scenario``: a Scenario to run instead of the settings' named one."""
     points = []
     for index, (n_workers, conc, pf, pool) in enumerate(itertools.product(workers, concurrency, prefetch, pools)):
         settings = base.model_copy(update={"workers": n_workers, "concurrency": conc, "prefetch_multiplier": pf,
                                            "pool": pool})
         label = f"{index + 1:02d}-w{n_workers}-c{conc}-p{pf}-{pool}"
         console.rule(f"sweep point {label}")
-        report = _point_run(settings, out / "points" / label, console)
+        report = _point_run_scenario(settings, out / "points" / label, console, scenario)
         if report is None:
             raise RuntimeError(f"sweep point {label} did not run; see {out / 'points' / label}")
-        steady = report.get("steady") or {}
-        points.append({
-            "workers": n_workers, "concurrency": conc, "pool": pool, "prefetch_multiplier": pf,
-            "n": n_workers * conc,
-            "completed_per_s": steady.get("completed_per_s", report["throughput"]["completed_per_s"]),
-            "p95_ms": (steady.get("end_to_end_ms") or report["latency_ms"]["end_to_end"])["p95"],
-            "lost": report["tasks"]["lost"], "run_dir": f"points/{label}",
-        })
-    return {"points": points, **usl_section(points)}
+        points.append(sweep_point(report, n_workers, conc, pf, pool, f"points/{label}"))
+    swept = {"workers": workers, "concurrency": concurrency, "prefetch_multiplier": prefetch, "pool": pools}
+    return {"swept": swept, "points": points, **usl_section(points)}
 
 
-def usl_section(points: list[dict]) -> dict:
-    """The USL fit of a sweep's points, or the sentence saying why there is none."""
-    by_n: dict[int, list[float]] = {}
-    for p in points:
-        by_n.setdefault(p["n"], []).append(p["completed_per_s"])
-    pairs = [(n, max(xs)) for n, xs in sorted(by_n.items())]
-    try:
-        fit = fit_usl(pairs)
-    except ScalingError as exc:
-        return {"usl": None, "usl_note": str(exc)}
-    measured_max = max(n for n, _ in pairs)
-    predictions = [{"n": n, "completed_per_s": round(fit.predict(n), 3), "prediction": True}
-                   for n in (measured_max * 2, measured_max * 4)]
-    k = knee(fit, pairs)
-    return {"usl": fit.as_dict(), "knee_n": None if k == float("inf") else round(k, 2),
-            "predictions": predictions}
+def sweep_point(report: dict, workers: int, concurrency: int, prefetch: int, pool: str, run_dir: str) -> dict:
+    """A point of a sweep from its run's report: the steady window's completion rate (every task that finished in
+    it, whatever its send time) with the backlog's growth beside it."""
+    steady = report.get("steady") or {}
+    return {
+        "workers": workers, "concurrency": concurrency, "pool": pool, "prefetch_multiplier": prefetch,
+        "n": workers * concurrency,
+        "completed_per_s": steady.get("completed_per_s", report["throughput"]["completed_per_s"]),
+        "backlog_growth_per_s": steady.get("backlog_growth_per_s"), "saturated": steady.get("saturated"),
+        "p95_ms": (steady.get("end_to_end_ms") or report["latency_ms"]["end_to_end"])["p95"],
+        "lost": report["tasks"]["lost"], "run_dir": run_dir,
+    }
+
+
+def sweep_settings(base_masked: dict, scaling: dict) -> dict:
+    """settings.json of a sweep: what was swept, the settings every point shared, and each point's run."""
+    swept = scaling["swept"]
+    shared = {k: v for k, v in base_masked.items() if k not in swept}
+    for key in ("broker", "backend"):
+        if shared.get(key) is None:
+            shared[key] = "embedded Redis (a new one for each point)"
+    return {"sweep": swept, "shared": shared,
+            "points": [{"n": p["n"], "workers": p["workers"], "concurrency": p["concurrency"], "pool": p["pool"],
+                        "prefetch_multiplier": p["prefetch_multiplier"],
+                        "settings": f"{p['run_dir']}/settings.json"} for p in scaling["points"]]}
 
 
 SHARE_MEASURED, SHARE_OFFLINE = "measured", "offline_estimate"

@@ -43,6 +43,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              users=10, spawn_rate=10, duration_s=30, rate_per_user=8, mix=SMOKE_MIX, api_share=0.2),
     Scenario("saturate", "More cpu tasks (5 ms) than the workers can take: measures capacity; used by sweeps.",
              users=10, spawn_rate=10, duration_s=20, rate_per_user=20, mix=(TaskChoice("cpu", 1, {"ms": 5}),)),
+    Scenario("capacity", "io tasks of a fixed 100 ms offered at 80/s: a stack of known capacity (N pool slots / "
+             "100 ms, saturated up to 7 slots) to check what a sweep measures.",
+             users=8, spawn_rate=8, duration_s=20, rate_per_user=10, mix=(TaskChoice("io", 1, {"ms": 100}),)),
     Scenario("step", "Users rise in five steps to the peak: find where latency bends.",
              users=20, spawn_rate=20, duration_s=60, rate_per_user=5, mix=SMOKE_MIX, shape="step"),
     Scenario("spike", "A sudden five-fold burst in the middle fifth of the run: does the backlog clear after it?",

@@ -8,10 +8,11 @@ import time
 
 import gevent
 from gevent.lock import Semaphore
-from locust import FastHttpUser, User, constant_throughput, task
+from locust import FastHttpUser, User, task
 
 from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
+from loadlab.loadtests.pacing import constant_throughput_random_phase, poisson_gap
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
@@ -76,21 +77,21 @@ class CeleryUser(User):
 
 
 class OpenCeleryUser(CeleryUser):
-    """Constant arrivals: each user publishes on a fixed schedule whatever happened before. A late publish keeps
-    its scheduled time in a header, and latency counts from there (coordinated omission corrected)."""
+    """Open model: each user publishes at Poisson arrivals (mean gap interval_s) whatever happened before. A late
+    publish keeps its scheduled time in a header, and latency counts from there (coordinated omission corrected)."""
 
     abstract = True
     interval_s = 0.1
 
     def on_start(self):
-        self._next_intended = time.time() + random.random() * self.interval_s  # spread users over one interval
+        self._next_intended = time.time() + poisson_gap(self.interval_s)
 
     def wait_time(self):
         return max(0.0, self._next_intended - time.time())
 
     def submit_next(self) -> None:
         intended = self._next_intended
-        self._next_intended += self.interval_s
+        self._next_intended += poisson_gap(self.interval_s)
         name, args = self.mix.pick()
         self.publish(name, args, headers={HEADER_INTENDED_AT: intended})
 
@@ -155,12 +156,12 @@ def build_user_classes(settings: Settings, scenario: Scenario, prefix: str = "")
         elif scenario.payload_stages:
             base = StagedPayloadUser
             attrs.update(stages=scenario.payload_stages, stage_s=duration_s / len(scenario.payload_stages),
-                         wait_time=constant_throughput(rate))
+                         wait_time=constant_throughput_random_phase(rate))
         else:
-            base, attrs["wait_time"] = CeleryUser, constant_throughput(rate)
+            base, attrs["wait_time"] = CeleryUser, constant_throughput_random_phase(rate)
         classes.append(type(f"{prefix}CeleryTaskUser", (base,), attrs))
     if api_weight and settings.api_url:
         classes.append(type(f"{prefix}ApiTaskUser", (ApiUser,), {
             "abstract": False, "settings": settings, "mix": mix, "weight": api_weight, "host": settings.api_url,
-            "wait_time": constant_throughput(rate), "__module__": __name__}))
+            "wait_time": constant_throughput_random_phase(rate), "__module__": __name__}))
     return classes

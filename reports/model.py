@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loadlab.reports.backend_audit import LISTED
+from loadlab.reports.recorder import ARRIVALS_KEPT, AUDITED_MAX, LITTLE_TOLERANCE, SATURATED_GROWTH
 from loadlab.reports.report import SCHEMA_PATH, SCHEMA_VERSION
 
 UNITS = ("ms", "us", "s", "/s", "bytes", "count", "ratio")
@@ -236,7 +238,9 @@ class ScalingPoint(Section):
     pool: str
     prefetch_multiplier: int = count()
     n: int = count("workers × concurrency")
-    completed_per_s: float = per_s("The steady window's rate (the whole run's without a warm-up)")
+    completed_per_s: float = per_s("The steady window's completion rate (the whole run's without a warm-up)")
+    backlog_growth_per_s: float | None = _figure("/s", "Growth of the backlog in the steady window", default=None)
+    saturated: bool | None = Field(None, description="The backlog grew: completed_per_s is the point's capacity")
     p95_ms: float = ms()
     lost: int = count()
     run_dir: str
@@ -260,6 +264,7 @@ class Prediction(Section):
 
 
 class Scaling(Section):
+    swept: dict[str, list[int | str]] | None = Field(None, description="Each swept setting -> its values")
     points: list[ScalingPoint]
     usl: Usl | None
     usl_note: str | None = None
@@ -276,6 +281,8 @@ class TimeseriesRow(Section):
     failed_per_s: float = per_s()
     retried_per_s: float = per_s()
     in_system: int = count("From the task ledger: tasks sent and not yet terminal at the end of the bucket")
+    in_system_mean: float | None = count("From the task ledger: the time average of tasks in the system over the "
+                                         "bucket (exact, from send and finish times)", default=None)
     queue_depth: int | None = count("From the broker: ready messages in the run's queue (the bucket's last sample)")
     end_to_end_p50_ms: float | None = ms()
     end_to_end_p95_ms: float | None = ms()
@@ -298,16 +305,75 @@ class QueueDepthSampling(Section):
 class Steady(Section):
     warmup_s: float = seconds(ge=0)
     window_s: float = seconds(gt=0)
-    completed_per_s: float = per_s("Tasks sent after the warm-up and finished before the load stopped, per second")
-    end_to_end_ms: LatencyMs
+    completed_per_s: float = per_s("Tasks that finished (succeeded or failed) in the window, whatever their send "
+                                   "time, per second")
+    completed: int | None = count("Tasks that finished in the window", default=None)
+    backlog_start: int | None = count("Tasks sent and not yet finished when the window started", default=None)
+    backlog_end: int | None = count("Tasks sent and not yet finished when the load stopped", default=None)
+    backlog_growth_per_s: float | None = _figure("/s", "(backlog_end - backlog_start) / window_s", default=None)
+    saturated: bool | None = Field(None, description=f"The backlog grew by more than {SATURATED_GROWTH:.0%} of the "
+                                                     "tasks the window completed: the stack did not keep up, its rate "
+                                                     "is its capacity")
+    end_to_end_ms: LatencyMs = Field(description="Tasks that finished in the window")
 
 
 class LittlesLaw(Section):
-    arrival_rate_per_s: float = per_s()
-    mean_end_to_end_s: float = seconds(ge=0)
-    predicted_in_system: float = count()
-    observed_in_system: float = count()
+    """L = λW over whole time-series buckets of the load phase after the warm-up."""
+    arrival_rate_per_s: float = per_s("λ: tasks that left the system in the window, per second")
+    mean_end_to_end_s: float = seconds("W: their mean time in the system, by the ledger's send and finish times",
+                                       ge=0)
+    predicted_in_system: float = count("λW")
+    observed_in_system: float = count("L: the time average of tasks in the system over the window, integrated from "
+                                      "the ledger's send and finish times")
     ratio: float | None = ratio("observed / predicted")
+    window_start_s: float | None = seconds("Start of the window on the time series' axis", default=None)
+    window_s: float | None = seconds("T: the window's length", default=None)
+    tolerance: float | None = _figure("ratio", f"Allowed |ratio - 1|: {LITTLE_TOLERANCE:.0%} plus E[W²]/(E[W]·T), what the tasks "
+                                    "straddling the window's two edges move the ratio by in a steady state",
+                                    default=None)
+    within_tolerance: bool | None = None
+    reason: str | None = Field(None, description="Why the ratio is outside the tolerance")
+
+
+class Arrivals(Section):
+    """The arrival process: how the tasks were sent, over the load phase after the warm-up."""
+    sends: int = count()
+    window_s: float = seconds(ge=0)
+    interarrival_mean_ms: float = ms()
+    interarrival_cv: float | None = ratio("Coefficient of variation of the gaps between consecutive sends (1: "
+                                          "Poisson, 0: evenly spaced, above 1: bursts)")
+    slot_s: float = seconds(gt=0)
+    peak_per_slot: int = count("Most sends in one slot")
+    mean_per_slot: float = count("Mean sends per slot")
+    peak_to_mean: float | None = ratio("peak_per_slot / mean_per_slot")
+    truncated: bool = Field(description=f"Only the first {ARRIVALS_KEPT} sends were kept")
+
+
+class AuditedTask(Section):
+    id: str
+    task: str | None
+    ledger_state: str
+    stored_state: str | None = Field(description="None: the backend has no result for the task")
+    kind: Literal["retry_after_success", "missing", "expired", "state_differs"]
+
+
+class BackendAuditKinds(Section):
+    retry_after_success: int = count("The ledger saw SUCCESS; the backend stores RETRY")
+    missing: int = count("No stored result, within result_expires")
+    expired: int = count("No stored result, past result_expires")
+    state_differs: int = count("Another stored state than the ledger's")
+
+
+class BackendAudit(Section):
+    """Each finished task's state in the result backend after the drain, against the ledger's."""
+    audited: int = count("Tasks read back (tasks with ignore_result are left out)")
+    skipped_ignore_result: int = count()
+    matching: int = count()
+    mismatches: int = count()
+    by_kind: BackendAuditKinds
+    tasks: list[AuditedTask] = Field(description=f"The first {LISTED} mismatching tasks")
+    truncated: bool = Field(description=f"Only the first {AUDITED_MAX} finished tasks were audited")
+    error: str | None = Field(None, description="Why the backend could not be read")
 
 
 # --- outcome -----------------------------------------------------------------------------------------------------
@@ -419,6 +485,8 @@ class Report(Section):
                                                                      "sweeps)")
     verdict: Verdict
     littles_law: LittlesLaw | None = None
+    arrivals: Arrivals | None = None
+    backend_audit: BackendAudit | None = None
     artefacts: dict[str, str] | None = Field(None, description="What else the run directory holds -> its path")
     queue_depth_sampling: QueueDepthSampling | None = None
     serialization_measured: SerializationMeasured | None = None

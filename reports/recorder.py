@@ -1,12 +1,16 @@
 """The run recorder: consumes the ledger channel, follows every submitted task id to a terminal state, and keeps
 phase latencies in HDR histograms. Memory is bounded by what is in flight, not by how many tasks ran: finished ids
 leave the ledger (a bounded window of recent ones is kept to recognise redeliveries), histograms have a fixed size,
-and the time series merges neighbouring buckets when it grows past ``MAX_BUCKETS``.
+and the time series merges neighbouring buckets when it grows past ``MAX_BUCKETS``. Two records of every task are
+kept up to a cap: its send time (``ARRIVALS_KEPT``, for the arrival process) and its final state
+(``AUDITED_MAX``, for the result backend audit).
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,6 +29,16 @@ MAX_BUCKETS = 240  # with 4-byte counters and 2 digits: ~3 MB at most for the wh
 RECENT_TERMINAL = 100_000
 RETRY_CHAIN_LIMIT = 1000
 FAILED_LISTED = 1000  # tasks that failed for good, listed in the report one by one
+ARRIVALS_KEPT = 200_000  # send times kept for the arrival process (8 bytes each)
+ARRIVAL_SLOT_S = 0.1  # peak-to-mean of the arrivals is taken per slot of this width
+AUDITED_MAX = 100_000  # finished tasks kept (id, task, state, finish; ~180 bytes each) for the result backend audit
+# Little's law over a finite window T holds up to the tasks straddling its two edges: in a steady state the tasks
+# in the system at an edge have been there λ·E[W²]/2 task-seconds in all, so each edge moves L/λW by about
+# E[W²]/(2·E[W]·T) (long retries weigh); the ratio may stray by E[W²]/(E[W]·T) besides this allowance
+LITTLE_TOLERANCE = 0.05
+# a steady window whose backlog (tasks sent, not yet finished) grew by more than this share of the tasks it
+# completed was saturated: the stack could not keep up, and its completion rate is the stack's capacity
+SATURATED_GROWTH = 0.05
 
 
 def new_histogram(digits: int = HDR_DIGITS, word_size: int = 8) -> HdrHistogram:
@@ -58,12 +72,24 @@ class Bucket:
     # the broker's queue depth: the last sample taken in the bucket, and when it was taken (None: no sample)
     queue_depth: int | None = None
     queue_depth_at: float | None = None
+    # for the exact time integral of tasks in the system: sums of send and finish times (seconds since the series
+    # started) of the tasks sent / leaving in the bucket, and the ledger's end-to-end seconds of those leaving
+    sent_offsets_s: float = 0.0
+    left_offsets_s: float = 0.0
+    left_end_to_end_s: float = 0.0
+    left_end_to_end_sq_s2: float = 0.0
+    left_timed: int = 0
 
     def merge(self, other: "Bucket") -> None:
         self.submitted += other.submitted
         self.completed += other.completed
         self.failed += other.failed
         self.retried += other.retried
+        self.sent_offsets_s += other.sent_offsets_s
+        self.left_offsets_s += other.left_offsets_s
+        self.left_end_to_end_s += other.left_end_to_end_s
+        self.left_end_to_end_sq_s2 += other.left_end_to_end_sq_s2
+        self.left_timed += other.left_timed
         self.end_to_end.add(other.end_to_end)
         if other.queue_depth_at is not None:
             self.observe_queue_depth(other.queue_depth_at, other.queue_depth)
@@ -80,6 +106,9 @@ class TimeSeries:
         self.start = start
         self.width = width_s
         self.buckets: dict[int, Bucket] = {}
+
+    def offset(self, ts: float) -> float:
+        return max(0.0, ts - self.start)
 
     def at(self, ts: float) -> Bucket:
         index = max(0, int((ts - self.start) / self.width))
@@ -102,10 +131,27 @@ class TimeSeries:
         self.buckets = merged
         self.width *= 2
 
+    def in_system_seconds(self) -> list[tuple[int, float]]:
+        """Per bucket: tasks in the system at its start and their exact time integral over it (task-seconds),
+        from the send and finish times. With n sent at offsets s_i and m leaving at f_j in bucket k (ending at
+        e = (k + 1)·width): ∫N dt = N(start)·width + Σ(e − s_i) − Σ(e − f_j)."""
+        out = []
+        in_system = 0
+        last = max(self.buckets) if self.buckets else -1
+        for index in range(last + 1):
+            b = self.buckets.get(index) or Bucket()
+            end = (index + 1) * self.width
+            left = b.completed + b.failed
+            integral = (in_system * self.width + b.submitted * end - b.sent_offsets_s - left * end + b.left_offsets_s)
+            out.append((in_system, max(0.0, integral)))
+            in_system += b.submitted - left
+        return out
+
     def rows(self) -> list[dict]:
         rows = []
         in_system = 0
         last = max(self.buckets) if self.buckets else -1
+        integrals = self.in_system_seconds()
         for index in range(last + 1):
             b = self.buckets.get(index) or Bucket()
             in_system += b.submitted - b.completed - b.failed
@@ -118,6 +164,7 @@ class TimeSeries:
                 "failed_per_s": round(b.failed / self.width, 3),
                 "retried_per_s": round(b.retried / self.width, 3),
                 "in_system": max(0, in_system),
+                "in_system_mean": round(integrals[index][1] / self.width, 3),
                 "queue_depth": b.queue_depth,
                 "end_to_end_p50_ms": round(b.end_to_end.get_value_at_percentile(50) / 1000, 3) if count else None,
                 "end_to_end_p95_ms": round(b.end_to_end.get_value_at_percentile(95) / 1000, 3) if count else None,
@@ -161,10 +208,15 @@ class Recorder:
         self.pending_at_end: int | None = None
         self.load_stopped_at: float | None = None
         self.records = 0
-        # steady window: tasks sent after the warm-up and finished before the load stopped
+        # steady window: from the warm-up's end to the load's stop; its rate counts every task that finished in it
+        # (whatever its send time) and its backlog is tasks sent and not yet finished at either end
         self.warmup_s = warmup_s
         self.steady_end_to_end = new_histogram()
         self.steady_completed = 0
+        self.sent_before_steady = 0
+        self.left_before_steady = 0
+        self.arrival_times = array("d")  # the first ARRIVALS_KEPT send times
+        self.terminal_log: list[tuple[str, str, str, float]] = []  # (id, task, state, finished_at) for the audit
         self._client = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -246,12 +298,21 @@ class Recorder:
         if self.first_sent_at is None or sent_at < self.first_sent_at:
             self.first_sent_at = sent_at
         record_seconds(self.histograms["publish"], publish_s)
-        self._series(sent_at).submitted += 1
+        self._count_sent(sent_at)
         early = self.early.pop(task_id, None)
         if early is not None:
             self._terminal(*early)
         else:
             self.pending[task_id] = (name, sent_at)
+
+    def _count_sent(self, sent_at: float) -> None:
+        bucket = self._series(sent_at)
+        bucket.submitted += 1
+        bucket.sent_offsets_s += self.series.offset(sent_at)
+        if len(self.arrival_times) < ARRIVALS_KEPT:
+            self.arrival_times.append(sent_at)
+        if self.warmup_s and self.first_sent_at is not None and sent_at < self.first_sent_at + self.warmup_s:
+            self.sent_before_steady += 1
 
     def _attempt(self, task_id, name, state, sent_at, attempt_sent_at, eta, started_at, body_done_at,
                  finished_at, retries, exc_type, intended_at=None, hostname=None) -> None:
@@ -297,6 +358,14 @@ class Recorder:
         states = self.per_task_states.setdefault(name.rsplit(".", 1)[-1] if name else "?", {})
         states[state] = states.get(state, 0) + 1
         bucket = self._series(finished_at)
+        bucket.left_offsets_s += self.series.offset(finished_at)
+        if sent_at is not None:
+            in_system_s = max(0.0, finished_at - sent_at)
+            bucket.left_end_to_end_s += in_system_s
+            bucket.left_end_to_end_sq_s2 += in_system_s * in_system_s
+            bucket.left_timed += 1
+        if len(self.terminal_log) < AUDITED_MAX:
+            self.terminal_log.append((task_id, name, state, finished_at))
         if state == "SUCCESS":
             bucket.completed += 1
         else:
@@ -317,11 +386,13 @@ class Recorder:
             if hist is None:
                 hist = self.per_task[short] = new_histogram()
             record_seconds(hist, end_to_end)
-        if (self.warmup_s and origin is not None and end_to_end is not None and self.first_sent_at is not None
-                and origin >= self.first_sent_at + self.warmup_s
-                and (self.load_stopped_at is None or finished_at <= self.load_stopped_at)):
-            self.steady_completed += 1
-            record_seconds(self.steady_end_to_end, end_to_end)
+        if self.warmup_s and self.first_sent_at is not None:
+            if finished_at < self.first_sent_at + self.warmup_s:
+                self.left_before_steady += 1
+            elif (self.load_stopped_at is None or finished_at <= self.load_stopped_at) and state in ("SUCCESS",
+                                                                                                      "FAILURE"):
+                self.steady_completed += 1
+                record_seconds(self.steady_end_to_end, end_to_end)
         attempts = retries + 1
         self.attempts[attempts] = self.attempts.get(attempts, 0) + 1
         chain = self.retrying.pop(task_id, None)
@@ -359,7 +430,7 @@ class Recorder:
                 del self.early[task_id]
                 self.counts["submitted"] += 1
                 if early[3] is not None:
-                    self._series(early[3]).submitted += 1
+                    self._count_sent(early[3])
                 self._terminal(*early)
 
     def mark_load_stopped(self, at: float | None = None) -> None:
@@ -406,9 +477,104 @@ class Recorder:
         window = self.load_stopped_at - (self.first_sent_at + self.warmup_s)
         if window <= 0:
             return None
+        backlog_start = max(0, self.sent_before_steady - self.left_before_steady)
+        backlog_end = self.pending_at_end if self.pending_at_end is not None else len(self.pending)
+        growth = backlog_end - backlog_start
         return {"warmup_s": self.warmup_s, "window_s": round(window, 3),
                 "completed_per_s": round(self.steady_completed / window, 3),
+                "completed": self.steady_completed,
+                "backlog_start": backlog_start, "backlog_end": backlog_end,
+                "backlog_growth_per_s": round(growth / window, 3),
+                "saturated": growth > max(1, SATURATED_GROWTH * self.steady_completed),
                 "end_to_end_ms": histogram_stats_ms(self.steady_end_to_end)}
+
+    def _window(self) -> tuple[float, float] | None:
+        """The load phase after the warm-up, as offsets on the time series' axis (None: no load stop yet, the
+        whole series)."""
+        if self.series is None or self.first_sent_at is None:
+            return None
+        start = self.series.offset(self.first_sent_at + self.warmup_s)
+        last = max(self.series.buckets) + 1
+        end = (self.series.offset(self.load_stopped_at) if self.load_stopped_at is not None
+               else last * self.series.width)
+        return start, end
+
+    def littles_law(self) -> dict | None:
+        """L = λW over whole buckets of the load phase (after the warm-up): L is the exact time average of tasks in
+        the system (the integral of the ledger's send and finish times, not samples at bucket ends), λ the rate of
+        tasks leaving in the window, W their mean end-to-end time by the ledger's send and finish times. Judged
+        against LITTLE_TOLERANCE + E[W²]/(E[W]·T) (the tasks straddling the window's edges), with the reason when
+        it fails."""
+        window = self._window()
+        if window is None:
+            return None
+        width = self.series.width
+        first = math.ceil(window[0] / width - 1e-9)
+        last = math.floor(window[1] / width + 1e-9)  # exclusive
+        integrals = self.series.in_system_seconds()
+        last = min(last, len(integrals))
+        if last - first < 1:
+            return None
+        span = (last - first) * width
+        buckets = [self.series.buckets.get(i) or Bucket() for i in range(first, last)]
+        left = sum(b.completed + b.failed for b in buckets)
+        timed = sum(b.left_timed for b in buckets)
+        if not left or not timed:
+            return None
+        observed = sum(integral for _, integral in integrals[first:last]) / span
+        rate = left / span
+        mean_w = sum(b.left_end_to_end_s for b in buckets) / timed
+        mean_w2 = sum(b.left_end_to_end_sq_s2 for b in buckets) / timed
+        predicted = rate * mean_w
+        ratio_value = observed / predicted if predicted else None
+        tolerance = LITTLE_TOLERANCE + (mean_w2 / mean_w / span if mean_w else 0.0)
+        backlog_start = integrals[first][0]
+        backlog_end = integrals[last][0] if last < len(integrals) else sum(
+            b.submitted - b.completed - b.failed for b in self.series.buckets.values())
+        within = ratio_value is not None and abs(ratio_value - 1) <= tolerance
+        reason = None
+        if not within:
+            if abs(backlog_end - backlog_start) > SATURATED_GROWTH * left:
+                reason = (f"not a steady state: tasks in the system went from {backlog_start} to {backlog_end} "
+                          f"over the {span:g} s window, and L = λW holds only when the backlog neither grows nor "
+                          "shrinks")
+            elif ratio_value is None:
+                reason = "no task left the system in the window"
+            else:
+                reason = (f"the ledger's time integral of tasks in the system ({observed:.3f}) and its completion "
+                          f"rate × mean end-to-end time ({predicted:.3f}) disagree by more than the tolerance: "
+                          "records lost or duplicated, or the clocks of the processes differ")
+        return {"arrival_rate_per_s": round(rate, 3), "mean_end_to_end_s": round(mean_w, 4),
+                "predicted_in_system": round(predicted, 3), "observed_in_system": round(observed, 3),
+                "ratio": round(ratio_value, 3) if ratio_value is not None else None,
+                "window_start_s": round(first * width, 3), "window_s": round(span, 3),
+                "tolerance": round(tolerance, 4), "within_tolerance": within, "reason": reason}
+
+    def arrival_process(self) -> dict | None:
+        """How the sends came: the coefficient of variation of the gaps between consecutive sends (1 for Poisson
+        arrivals, 0 for a perfectly even stream, above 1 when they come in bursts) and the peak-to-mean of sends
+        per ARRIVAL_SLOT_S slot, over the load phase after the warm-up."""
+        import numpy as np
+
+        if self.first_sent_at is None:
+            return None
+        times = np.sort(np.asarray(self.arrival_times, dtype=float))
+        start = self.first_sent_at + self.warmup_s
+        end = self.load_stopped_at if self.load_stopped_at is not None else float(times[-1]) if len(times) else start
+        times = times[(times >= start) & (times <= end)]
+        slots = int((end - start) / ARRIVAL_SLOT_S)
+        if len(times) < 3 or slots < 1:
+            return None
+        gaps = np.diff(times)
+        counts, _ = np.histogram(times, bins=slots, range=(start, start + slots * ARRIVAL_SLOT_S))
+        mean_count = float(counts.mean())
+        return {"sends": int(len(times)), "window_s": round(end - start, 3),
+                "interarrival_mean_ms": round(float(gaps.mean()) * 1000, 4),
+                "interarrival_cv": round(float(gaps.std() / gaps.mean()), 3) if gaps.mean() > 0 else None,
+                "slot_s": ARRIVAL_SLOT_S, "peak_per_slot": int(counts.max()),
+                "mean_per_slot": round(mean_count, 3),
+                "peak_to_mean": round(float(counts.max()) / mean_count, 3) if mean_count else None,
+                "truncated": len(self.arrival_times) >= ARRIVALS_KEPT}
 
     def summary(self, lost_ids_limit: int = 100) -> dict:
         with self._lock:
@@ -445,6 +611,8 @@ class Recorder:
                 "lost_ids": list(self.pending)[:lost_ids_limit],
                 "failed": list(self.failed_for_good),
                 "steady": self._steady(),
+                "littles_law": self.littles_law(),
+                "arrivals": self.arrival_process(),
                 "timeseries": self.series.rows() if self.series else [],
                 "load_stopped_s": round(self.load_stopped_at - self.series.start, 3)
                 if self.series and self.load_stopped_at else None,

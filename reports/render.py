@@ -227,6 +227,35 @@ def _percent(share: float | None) -> str | None:
     return None if share is None else f"{share * 100:.2f} %"
 
 
+def littles_law_sentence(little: dict) -> str:
+    window = (f" over {little['window_s']:g} s from {little['window_start_s']:g} s" if little.get("window_s")
+              else "")
+    text = (f"Little's law{window}: {little['arrival_rate_per_s']:.1f} tasks/s leaving × mean time in the system "
+            f"{little['mean_end_to_end_s'] * 1000:.1f} ms predicts {little['predicted_in_system']:.2f} tasks in the "
+            f"system; the ledger's time average is {little['observed_in_system']:.2f} (ratio {little['ratio']}")
+    if little.get("tolerance") is None:
+        return text + ")."
+    text += f", tolerance ±{little['tolerance']:.3f}: "
+    return text + ("holds)." if little.get("within_tolerance") else f"does not hold) — {little.get('reason')}.")
+
+
+def arrivals_sentence(arrivals: dict) -> str:
+    return (f"Arrivals: {arrivals['sends']:,} sends over {arrivals['window_s']:g} s, inter-arrival CV "
+            f"{_fmt(arrivals['interarrival_cv'])} (1 for Poisson arrivals, above 1 for bursts), peak-to-mean "
+            f"{_fmt(arrivals['peak_to_mean'])} per {arrivals['slot_s'] * 1000:g} ms (peak {arrivals['peak_per_slot']},"
+            f" mean {arrivals['mean_per_slot']:g}).")
+
+
+def audit_sentence(audit: dict) -> str:
+    if audit.get("error"):
+        return f"Result backend audit: the backend could not be read ({audit['error']})."
+    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in audit["by_kind"].items() if n) or "none"
+    return (f"Result backend audit: {audit['audited']:,} finished tasks read back after the drain, "
+            f"{audit['matching']:,} stored as the ledger has them, {audit['mismatches']:,} not ({kinds})"
+            + (f"; {audit['skipped_ignore_result']:,} with ignore_result left out" if audit["skipped_ignore_result"]
+               else "") + ".")
+
+
 def render_html(report: dict) -> str:
     tasks, lat, v = report["tasks"], report["latency_ms"], report.get("verdict", {"status": "pass", "problems": []})
     colour = VERDICT_COLOURS.get(v["status"], "#57606a")
@@ -234,6 +263,8 @@ def render_html(report: dict) -> str:
     headline = (f"{tasks['submitted']:,} tasks submitted, {tasks['succeeded']:,} succeeded, {tasks['failed']:,} failed, "
                 f"{tasks['lost']:,} lost · {report['throughput']['completed_per_s']:.1f} completed/s · "
                 f"end-to-end p95 {lat['end_to_end']['p95']:.1f} ms")
+    if report.get("scaling"):  # a sweep's runs are not one run: its head says what was swept
+        headline = _sweep_markdown(report)[0] + " · " + _usl_line(report["scaling"])
     phases = [[PHASE_LABELS[p], lat[p]["count"], lat[p]["mean"], lat[p]["p50"], lat[p]["p90"], lat[p]["p95"],
                lat[p]["p99"], lat[p]["max"]] for p in REPORT_PHASES]
     extra = report.get("latency_ms_extra", {})
@@ -281,10 +312,10 @@ def render_html(report: dict) -> str:
     ]
     if plot:
         little = report.get("littles_law")
-        little_text = (f"<p class='note'>Little's law check: completion rate {little['arrival_rate_per_s']:.1f}/s × "
-                       f"mean end-to-end {little['mean_end_to_end_s'] * 1000:.1f} ms predicts "
-                       f"{little['predicted_in_system']:.1f} tasks in the system; the ledger saw "
-                       f"{little['observed_in_system']:.1f} on average (ratio {little['ratio']}).</p>") if little else ""
+        little_text = f"<p class='note'>{html.escape(littles_law_sentence(little))}</p>" if little else ""
+        arrivals = report.get("arrivals")
+        if arrivals:
+            little_text += f"<p class='note'>{html.escape(arrivals_sentence(arrivals))}</p>"
         depth_text = ""
         if sampling:
             depth_text = (f"<p class='note'>Broker queue depth: messages ready in queue "
@@ -295,6 +326,14 @@ def render_html(report: dict) -> str:
                           f"its last sample. Messages a worker has prefetched or is running are not in the queue: "
                           f"they count in the ledger's 'in system' (sent, not yet finished) above.</p>")
         sections.append(f"<section><h2>Over time</h2>{plot}{depth_text}{little_text}</section>")
+    audit = report.get("backend_audit")
+    if audit:
+        audit_rows = [[f"<code>{html.escape(t['id'])}</code>", html.escape(str(t["task"])), t["ledger_state"],
+                       _fmt(t["stored_state"]), t["kind"].replace("_", " ")] for t in audit["tasks"]]
+        sections.append("<section><h2>Result backend audit</h2>"
+                        f"<p>{html.escape(audit_sentence(audit))}</p>" +
+                        (_table(["task id", "task", "ledger", "backend", "kind"], audit_rows, numeric_from=9)
+                         if audit_rows else "") + "</section>")
     if by_task:
         sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
                         _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
@@ -314,7 +353,8 @@ def render_html(report: dict) -> str:
     scaling = report.get("scaling")
     if scaling:
         rows = [[p["workers"], p["concurrency"], p["pool"], p["prefetch_multiplier"], p["n"], p["completed_per_s"],
-                 p["p95_ms"], p.get("lost", 0)] for p in scaling["points"]]
+                 _fmt(p.get("backlog_growth_per_s")), _saturated(p), p["p95_ms"], p.get("lost", 0)]
+                for p in scaling["points"]]
         usl = scaling.get("usl")
         usl_text = (f"USL fit: λ = {usl['lambda']:.2f} tasks/s per unit, σ (contention) = {usl['sigma']:.4f}, "
                     f"κ (coherency) = {usl['kappa']:.5f}, peak N = {usl['n_peak'] if usl['n_peak'] is not None else '∞ (no retrograde)'}"
@@ -324,8 +364,12 @@ def render_html(report: dict) -> str:
             f"No USL fit: {scaling.get('usl_note', '')}"
         plot_svg = scaling_plot(scaling) or ""
         sections.append("<section><h2>Scaling</h2>" + plot_svg +
-                        _table(["workers", "concurrency", "pool", "prefetch", "N", "completed/s", "p95 ms", "lost"],
-                               rows, numeric_from=0) + f"<p>{html.escape(usl_text)}</p></section>")
+                        _table(["workers", "concurrency", "pool", "prefetch", "N", "completed/s",
+                                "backlog growth /s", "saturated", "p95 ms", "lost"], rows, numeric_from=0) +
+                        f"<p>{html.escape(usl_text)}</p><p class='note'>completed/s: tasks that finished in each "
+                        "point's steady window (warm-up excluded, until the load stopped), whatever their send "
+                        "time. A point whose backlog grew was saturated: its rate is the stack's capacity; an "
+                        "unsaturated point's rate is the load offered, a lower bound of it.</p></section>")
     serialization = report.get("serialization") or []
     if serialization:
         rows = [[r["serializer"], r["compression"], r.get("shape", ""), r["payload_bytes"], r["wire_bytes"],
@@ -444,12 +488,48 @@ def _faults_section(chaos: dict) -> str:
             "</section>")
 
 
+def _saturated(point: dict) -> str:
+    return {True: "yes", False: "no"}.get(point.get("saturated"), "–")
+
+
+def _usl_line(scaling: dict) -> str:
+    usl = scaling.get("usl")
+    if not usl:
+        return f"No USL fit: {scaling.get('usl_note', '')}"
+    peak = _fmt(usl["n_peak"]) if usl["n_peak"] is not None else "∞"
+    return (f"USL fit: λ = {usl['lambda']:.2f}/s per unit, σ = {usl['sigma']:.4f}, κ = {usl['kappa']:.5f}, "
+            f"peak N = {peak}, R² = {usl['r2']:.3f}")
+
+
+def _sweep_markdown(report: dict) -> list[str]:
+    """A sweep's head: what was swept and each point's capacity (its runs are not added up as one)."""
+    scaling, s = report["scaling"], report["settings"]
+    swept = scaling.get("swept") or {}
+    tasks = report["tasks"]
+    lines = [f"Sweep of {len(scaling['points'])} points ("
+             + " × ".join(f"{k} {','.join(str(v) for v in values)}" for k, values in swept.items())
+             + f"), {report['duration_s'] / max(1, len(scaling['points'])):.0f} s of load each · "
+             f"{tasks['submitted']:,} submitted · {tasks['lost']:,} lost in all",
+             "", "| N | workers | concurrency | pool | prefetch | completed/s | backlog growth /s | saturated | p95 ms "
+                 "| lost |", "|---:|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for p in scaling["points"]:
+        lines.append(f"| {p['n']} | {p['workers']} | {p['concurrency']} | {p['pool']} | {p['prefetch_multiplier']} | "
+                     f"{p['completed_per_s']:.1f} | {_fmt(p.get('backlog_growth_per_s'))} | {_saturated(p)} | "
+                     f"{p['p95_ms']:.1f} | {p.get('lost', 0)} |")
+    fixed = " · ".join(f"{k} {s[k]}" for k in ("broker", "backend", "serializer", "compression", "tracing", "metrics")
+                       if s.get(k) is not None)
+    lines += ["", _usl_line(scaling) + ".", "", f"<sub>{fixed}</sub>", ""]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     tasks, lat = report["tasks"], report["latency_ms"]
     v = report.get("verdict", {"status": "pass", "problems": []})
-    lines = [
-        f"### loadlab · `{report['scenario']}` · **{v['status'].upper()}**",
-        "",
+    head = [f"### loadlab · `{report['scenario']}` · **{v['status'].upper()}**", ""]
+    if report.get("scaling"):
+        return "\n".join(head + _sweep_markdown(report) + (["Problems: " + "; ".join(v["problems"]) + "."]
+                                                           if v["problems"] else []))
+    lines = head + [
         f"{tasks['submitted']:,} submitted · {tasks['succeeded']:,} succeeded · {tasks['failed']:,} failed · "
         f"{tasks['retried']:,} retries · {tasks['lost']:,} lost · "
         f"{report['throughput']['completed_per_s']:.1f} completed/s over {report['duration_s']:.0f} s",
@@ -478,6 +558,14 @@ def render_markdown(report: dict) -> str:
         for g in report["gates"]:
             lines.append(f"| `{g['rule']}` | {_fmt(g['value'])} | {_fmt(g['threshold'])} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
+    little, arrivals, audit = report.get("littles_law"), report.get("arrivals"), report.get("backend_audit")
+    notes = [littles_law_sentence(little)] if little else []
+    notes += [arrivals_sentence(arrivals)] if arrivals else []
+    notes += [audit_sentence(audit)] if audit else []
+    if audit and audit["tasks"]:
+        notes[-1] += " " + ", ".join(f"`{t['id']}` ({t['kind'].replace('_', ' ')})" for t in audit["tasks"][:10])
+    for note in notes:
+        lines += ["", note]
     s = report["settings"]
     lines += ["", f"<sub>broker {s['broker']} · backend {s['backend']} · {s['workers']}×{s['pool']}({s['concurrency']}) · "
                   f"serializer {s['serializer']} · compression {s['compression']}</sub>", ""]

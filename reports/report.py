@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loadlab.reports.backend_audit import problem as audit_problem
 from loadlab.reports.recorder import REPORT_PHASES
 
 SCHEMA_VERSION = 1
@@ -108,9 +109,15 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "histograms_hdr": recorded["histograms"],
         "verdict": verdict(tasks, drained),
     }
-    report["littles_law"] = littles_law(report)
+    report["littles_law"] = recorded.get("littles_law")
+    report["arrivals"] = recorded.get("arrivals")
     if extra:
         report.update(extra)
+    mismatch = audit_problem(report.get("backend_audit"))
+    if mismatch:
+        report["verdict"]["problems"].append(mismatch)
+        if report["verdict"]["status"] == "pass":
+            report["verdict"]["status"] = "warn"
     interrupted = report.get("interrupted")
     if interrupted:
         report["verdict"]["problems"].insert(0, (
@@ -121,20 +128,6 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         if report["verdict"]["status"] == "pass":
             report["verdict"]["status"] = "warn"
     return report
-
-
-def littles_law(report: dict) -> dict | None:
-    """L = λW: tasks in the system should equal completion rate × mean end-to-end time. A large mismatch means
-    the ledger or the clocks are wrong (or the run never reached a steady state)."""
-    rows = [r for r in report.get("timeseries", []) if r["completed_per_s"] or r["in_system"]]
-    if not rows or not report["latency_ms"]["end_to_end"]["count"]:
-        return None
-    observed = sum(r["in_system"] for r in rows) / len(rows)
-    rate = sum(r["completed_per_s"] + r["failed_per_s"] for r in rows) / len(rows)
-    predicted = rate * report["latency_ms"]["end_to_end"]["mean"] / 1000
-    return {"arrival_rate_per_s": round(rate, 3), "mean_end_to_end_s": round(report["latency_ms"]["end_to_end"]["mean"] / 1000, 4),
-            "predicted_in_system": round(predicted, 3), "observed_in_system": round(observed, 3),
-            "ratio": round(observed / predicted, 3) if predicted else None}
 
 
 def verdict(tasks: dict, drained: bool) -> dict:

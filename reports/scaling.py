@@ -31,6 +31,7 @@ __all__ = [
     "UslFit",
     "fit_usl",
     "knee",
+    "usl_section",
 ]
 
 #: Three parameters need at least one more distinct N than parameters to say anything about the fit's quality.
@@ -250,3 +251,29 @@ def knee(
         n_min = min(float(n) for n, _ in points)
         n_knee = max(n_knee, n_min)
     return float(n_knee)
+
+
+def usl_section(points: list[dict]) -> dict:
+    """The USL fit of a sweep's points, or the sentence saying why there is none. A point whose backlog did not grow
+    measured the load offered, not the stack's capacity: it is left out of the fit (saturated None: not known, kept)."""
+    by_n: dict[int, list[float]] = {}
+    for p in points:
+        if p.get("saturated") is not False:
+            by_n.setdefault(p["n"], []).append(p["completed_per_s"])
+    pairs = [(n, max(xs)) for n, xs in sorted(by_n.items())]
+    unsaturated = sorted({p["n"] for p in points if p.get("saturated") is False} - set(by_n))
+    try:
+        fit = fit_usl(pairs)
+    except ScalingError as exc:
+        note = str(exc)
+        if unsaturated:
+            note = (f"the points at N={', '.join(str(n) for n in unsaturated)} kept up with the load (their backlog "
+                    "did not grow), so they measured the load offered, not the capacity; offer more (--users, or a "
+                    f"scenario of a higher rate) to fit them. {note}")
+        return {"usl": None, "usl_note": note}
+    measured_max = max(n for n, _ in pairs)
+    predictions = [{"n": n, "completed_per_s": round(fit.predict(n), 3), "prediction": True}
+                   for n in (measured_max * 2, measured_max * 4)]
+    k = knee(fit, pairs)
+    return {"usl": fit.as_dict(), "knee_n": None if k == float("inf") else round(k, 2),
+            "predictions": predictions}

@@ -1,5 +1,5 @@
-"""The end of a run, one way for ``loadlab run`` and for each swarm of the web UI: drain → reconcile → build →
-write → render.
+"""The end of a run, one way for ``loadlab run`` and for each swarm of the web UI: drain → reconcile → audit the
+result backend → build → write → render.
 
 The caller stops the load and marks it stopped on the recorder (``Recorder.mark_load_stopped``), then calls
 ``drain()``; what it must do while the stack still runs (a last queue sample, the final scrape, Locust's final
@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loadlab.config.settings import Settings
-from loadlab.reports.recorder import Recorder
+from loadlab.reports.backend_audit import audit_backend
+from loadlab.reports.recorder import AUDITED_MAX, Recorder
 from loadlab.reports.render import write_rendered
 from loadlab.reports.report import REPORT_FILE, build_report, write_json
 from loadlab.stack.tasks import retry_policy
@@ -43,10 +44,14 @@ class RunSession:
             raise RuntimeError("RunSession.write() before drain(): the report would count tasks still in flight")
         if not self.recorder.closed:
             self.recorder.close()
+        audit = None
+        if self.app is not None:  # while the stack still runs: the backend may be the stack's own embedded Redis
+            audit = audit_backend(self.app, self.recorder.terminal_log,
+                                  truncated=len(self.recorder.terminal_log) >= AUDITED_MAX)
         report = build_report(scenario=self.scenario, settings_masked=self.settings.masked(), started_at=started_at,
                               load_stopped_at=self.recorder.load_stopped_at, recorded=self.recorder.summary(),
                               locust=locust, retry_policy=retry_policy(self.settings), drained=self.drained,
-                              extra=extra)
+                              extra={"backend_audit": audit, **extra})
         self.report_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.report_dir / REPORT_FILE, report)
         render(self.report_dir, report)

@@ -112,3 +112,96 @@ def test_queue_depth_survives_coarsening_as_the_later_sample():
     assert rows[0]["width_s"] == 2.0 and len(rows) == MAX_BUCKETS // 2 + 1
     assert [row["queue_depth"] for row in rows[:3]] == [1, 3, 5]
     assert rows[-1]["queue_depth"] == 1000
+
+
+def _sampled_littles_ratio(rows, mean_end_to_end_s):
+    """Little's law as it was judged before time averages: tasks in the system sampled at each bucket's end."""
+    rows = [r for r in rows if r["completed_per_s"] or r["in_system"]]
+    observed = sum(r["in_system"] for r in rows) / len(rows)
+    rate = sum(r["completed_per_s"] + r["failed_per_s"] for r in rows) / len(rows)
+    return observed / (rate * mean_end_to_end_s)
+
+
+def test_littles_law_holds_on_a_load_whose_period_divides_the_sampling_interval():
+    """10 users in lockstep, 8 cycles per 1 s bucket: every bucket ends at the same phase of the cycle, so samples at
+    bucket ends see 4 tasks in the system where the time average is 8.8. The time integral of the ledger's send and
+    finish times gets L = λW; the old sampled figure is outside the tolerance."""
+    r = _recorder()
+    start, cycle = 1000.0, 0.125
+    durations = [0.02 + 0.02 * user for user in range(10)]  # 20 .. 200 ms: some tasks outlive their cycle
+    n = 0
+    for k in range(int(20 / cycle)):
+        for user, duration in enumerate(durations):
+            sent = start + k * cycle + user * 0.0005
+            _sent(r, str(n), sent)
+            _attempt(r, str(n), "SUCCESS", sent, sent + 0.001, sent + duration - 0.0001)
+            n += 1
+    r.mark_load_stopped(start + 20.0)
+    summary = r.summary()
+    little = summary["littles_law"]
+    expected_l = sum(durations) / cycle
+    assert abs(little["observed_in_system"] - expected_l) / expected_l < 0.02, little
+    assert little["within_tolerance"] and abs(little["ratio"] - 1) <= little["tolerance"], little
+    assert little["reason"] is None
+    sampled = _sampled_littles_ratio(summary["timeseries"], little["mean_end_to_end_s"])
+    assert abs(sampled - 1) > little["tolerance"], (sampled, little)  # the old sampling fails on this load
+    assert abs(summary["timeseries"][5]["in_system_mean"] - expected_l) < 0.1  # each bucket's exact average too
+
+
+def test_littles_law_names_a_growing_backlog_as_the_reason_it_fails():
+    r = _recorder()
+    start = 1000.0
+    for i in range(400):  # 40 sends/s into one server of 20 tasks/s: the backlog grows all along
+        sent = start + i * 0.025
+        finish = start + (i + 1) * 0.05
+        _sent(r, str(i), sent)
+        if finish <= start + 10:
+            _attempt(r, str(i), "SUCCESS", sent, finish - 0.05, finish - 0.0001)
+    r.mark_load_stopped(start + 10.0)
+    little = r.summary()["littles_law"]
+    assert not little["within_tolerance"] and "not a steady state" in little["reason"], little
+
+
+def _single_server(r, sends_per_s, service_s, seconds, start=1000.0):
+    """A FIFO server of fixed service time fed at a constant rate: capacity 1 / service_s."""
+    free_at = start
+    for i in range(int(sends_per_s * seconds)):
+        sent = start + i / sends_per_s
+        begin = max(sent, free_at)
+        free_at = begin + service_s
+        _sent(r, str(i), sent)
+        if free_at <= start + seconds:
+            _attempt(r, str(i), "SUCCESS", sent, begin, free_at - 0.0001)
+    r.mark_load_stopped(start + seconds)
+    for i in range(int(sends_per_s * seconds)):  # the drain: the backlog finishes after the load stopped
+        if str(i) in r.pending:
+            _attempt(r, str(i), "SUCCESS", start, free_at, free_at + 0.001)
+    return r.summary()["steady"]
+
+
+def test_a_saturated_window_counts_its_completions_whatever_their_send_time():
+    steady = _single_server(_recorder(warmup_s=2.5), sends_per_s=100, service_s=0.02, seconds=10)
+    assert abs(steady["completed_per_s"] - 50) / 50 < 0.02, steady
+    assert steady["saturated"] and abs(steady["backlog_growth_per_s"] - 50) / 50 < 0.05, steady
+
+
+def test_a_window_that_keeps_up_is_not_saturated():
+    steady = _single_server(_recorder(warmup_s=2.5), sends_per_s=20, service_s=0.02, seconds=10)
+    assert abs(steady["completed_per_s"] - 20) / 20 < 0.02, steady
+    assert not steady["saturated"] and abs(steady["backlog_growth_per_s"]) < 0.5, steady
+
+
+def test_the_arrival_process_tells_bursts_from_poisson_arrivals():
+    rng = np.random.default_rng(3)
+    lockstep, poisson = _recorder(), _recorder()
+    for k in range(160):  # 10 users firing together every 125 ms for 20 s
+        for user in range(10):
+            _sent(lockstep, f"{k}-{user}", 1000.0 + k * 0.125 + user * 0.0002)
+    for i, at in enumerate(1000.0 + np.cumsum(rng.exponential(1 / 80, size=1600))):
+        _sent(poisson, str(i), float(at))
+    lockstep.mark_load_stopped(1020.0)
+    poisson.mark_load_stopped(1000.0 + 1600 / 80)
+    bursts, random_ = lockstep.summary()["arrivals"], poisson.summary()["arrivals"]
+    assert bursts["interarrival_cv"] > 2.5 and bursts["peak_per_slot"] == 10, bursts  # a whole burst in one slot
+    assert 0.9 < random_["interarrival_cv"] < 1.1, random_
+    assert abs(bursts["mean_per_slot"] - 8) < 0.01 and abs(random_["mean_per_slot"] - 8) < 0.5

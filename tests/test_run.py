@@ -76,6 +76,23 @@ def test_phase_latencies_are_consistent(smoke_run):
     assert report["latency_ms_extra"]["end_to_end_by_task"]["cpu"]["p50"] >= 5
 
 
+def test_littles_law_the_arrivals_and_the_backend_audit(smoke_run):
+    out, report, _ = smoke_run
+    little = report["littles_law"]
+    # L from the ledger's time integral against λW, within the tolerance the report states
+    assert little["within_tolerance"] and abs(little["ratio"] - 1) <= little["tolerance"], little
+    arrivals, t = report["arrivals"], report["tasks"]
+    assert 0.9 * t["submitted"] <= arrivals["sends"] <= t["submitted"] and arrivals["interarrival_cv"] > 0, arrivals
+    audit = report["backend_audit"]
+    assert audit["audited"] == t["succeeded"] + t["failed"] and audit["error"] is None, audit
+    assert audit["matching"] + audit["mismatches"] == audit["audited"]
+    # a mismatch is the user's problem to hear about: in the verdict, with the ids in the audit
+    assert (audit["mismatches"] > 0) == any("result backend" in p for p in report["verdict"]["problems"])
+    assert len(audit["tasks"]) == min(audit["mismatches"], 100)
+    summary = (out / "summary.md").read_text()
+    assert "Little's law" in summary and "inter-arrival CV" in summary and "Result backend audit" in summary
+
+
 def _locust_rows(path):
     import csv
 

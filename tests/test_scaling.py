@@ -134,3 +134,52 @@ def test_knee_is_where_efficiency_falls_to_the_threshold() -> None:
 def test_knee_is_not_placed_below_the_first_measured_n() -> None:
     fit = fit_usl(synthetic(LAM, SIGMA, KAPPA))
     assert knee(fit, [(8.0, 600.0), (16.0, 700.0)]) == 8.0
+
+
+def test_a_sweep_recovers_the_capacity_of_a_stack_whose_capacity_is_known(tmp_path) -> None:
+    """The `capacity` scenario offers 80/s of io tasks sleeping a fixed 100 ms to one worker of 1..4 threads: each
+    point's capacity is N / 100 ms. The sweep measures it within 10 % (the steady window's completions, whatever
+    their send time), marks every point saturated, and fits the USL of those capacities (λ = 10/s, no coherency
+    cost). The drain is cut short: the backlog left is not what the test measures."""
+    from loadlab.loadtests.scenarios import SCENARIOS
+    from tests.conftest import run_cli
+
+    task_s = SCENARIOS["capacity"].mix[0].kwargs["ms"] / 1000
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", "capacity", "--workers", "1", "--concurrency", "1,2,3,4", "--pool", "threads",
+                     "--duration", "4s", "--drain-timeout-s", "1", "--metrics", "off", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    points = report["scaling"]["points"]
+    assert [p["n"] for p in points] == [1, 2, 3, 4]
+    for p in points:
+        capacity = p["n"] / task_s
+        assert rel(p["completed_per_s"], capacity) < 0.10, (p, capacity)
+        assert p["saturated"] and p["backlog_growth_per_s"] > 0, p
+    known = fit_usl([(n, n / task_s) for n in (1, 2, 3, 4)])
+    measured = report["scaling"]["usl"]
+    fitted = UslFit(lam=measured["lambda"], sigma=measured["sigma"], kappa=measured["kappa"], n_peak=math.inf,
+                    x_peak=math.inf, r2=measured["r2"])
+    assert rel(fitted.lam, known.lam) < 0.10 and measured["kappa"] == known.kappa == 0.0, (measured, known)
+    for n in (1, 2, 3, 4):
+        assert rel(fitted.predict(n), known.predict(n)) < 0.10, (n, measured)
+    # the sweep's pages and settings describe the sweep and its points, not one run
+    summary = (out / "summary.md").read_text()
+    assert "Sweep of 4 points" in summary and "concurrency 1,2,3,4" in summary and "None" not in summary, summary
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["sweep"]["concurrency"] == [1, 2, 3, 4] and len(settings["points"]) == 4
+    assert all((out / p["settings"]).is_file() for p in settings["points"])
+    assert report["settings"]["concurrency"] is None and report["settings"]["pool"] is None
+
+
+def test_points_that_kept_up_with_the_load_are_left_out_of_the_fit() -> None:
+    from loadlab.reports.scaling import usl_section
+
+    def point(n, rate, saturated):
+        return {"n": n, "completed_per_s": rate, "saturated": saturated}
+
+    capacity = [point(n, usl(n, LAM, SIGMA, 0.0), True) for n in (1, 2, 3, 4)]
+    section = usl_section(capacity + [point(8, 200.0, False)])  # N=8 measured the 200/s offered, not its capacity
+    assert rel(section["usl"]["lambda"], LAM) < 0.01 and rel(section["usl"]["sigma"], SIGMA) < 0.05
+    section = usl_section(capacity[:1] + [point(n, 200.0, False) for n in (2, 3, 4)])
+    assert section["usl"] is None and "N=2, 3, 4 kept up with the load" in section["usl_note"]

@@ -104,7 +104,7 @@ SWEPT = {"workers", "concurrency", "prefetch_multiplier", "pool"}
 def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, out, **options):
     """Scaling sweep: one real run per point, warm-up excluded, USL fit, one report."""
     patch_for_locust()
-    from loadlab.loadtests.campaigns import run_sweep
+    from loadlab.loadtests.campaigns import run_sweep, sweep_settings
     from loadlab.loadtests.scenarios import get_scenario
     from loadlab.reports.render import write_rendered
     from loadlab.reports.report import merge_reports, write_json
@@ -125,10 +125,21 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,
                         pools=pools)
     reports = [json.loads((run_dir / p["run_dir"] / REPORT_FILE).read_text()) for p in scaling["points"]]
-    report = merge_reports(reports, scenario=f"sweep:{scenario}", settings_masked=settings.masked())
+    described = sweep_settings(settings.masked(), scaling)
+    # the swept settings differ between points: the report's settings name them None, scaling.swept lists them
+    report = merge_reports(reports, scenario=f"sweep:{scenario}",
+                           settings_masked={k: v for k, v in described["shared"].items() if k not in scaling["swept"]})
     report["scaling"] = scaling
+    write_json(run_dir / "settings.json", described)
     write_json(run_dir / REPORT_FILE, report)
     write_rendered(run_dir, report)
+    for p in scaling["points"]:
+        backlog = "" if p["backlog_growth_per_s"] is None else (
+            f", backlog {p['backlog_growth_per_s']:+.1f}/s"
+            + (" (saturated: the capacity)" if p["saturated"] else " (not saturated: the load offered)"))
+        console.print(f"N={p['n']} ({p['workers']}×{p['pool']}({p['concurrency']}), prefetch "
+                      f"{p['prefetch_multiplier']}): {p['completed_per_s']:.1f} completed/s in the steady window"
+                      + backlog)
     if scaling.get("usl"):
         u = scaling["usl"]
         console.print(f"USL: λ={u['lambda']:.2f}/s σ={u['sigma']:.4f} κ={u['kappa']:.5f} "
