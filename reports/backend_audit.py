@@ -92,10 +92,19 @@ def audit_backend(app, finished: list[tuple[str, str, str, float]], *, truncated
             "truncated": truncated, "error": None}
 
 
-def problem(audit: dict | None) -> str | None:
-    """The verdict's sentence for an audit that found mismatches."""
+def problem(audit: dict | None) -> tuple[str | None, str | None]:
+    """The verdict's sentences for an audit: (a problem: tasks stored missing, expired or in another state; a note:
+    RETRY stored over a SUCCESS, Celery's own race on a zero-countdown retry, which a healthy stack has too)."""
     if not audit or not audit["mismatches"]:
-        return None
-    kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in audit["by_kind"].items() if n)
-    return (f"{audit['mismatches']} of {audit['audited']} task(s) stored in the result backend in another state than "
-            f"the ledger's ({kinds}): what a client reads from the backend is wrong for them")
+        return None, None
+    kinds = audit["by_kind"]
+    race = kinds.get("retry_after_success", 0)
+    others = audit["mismatches"] - race
+    note = (f"{race} of {audit['audited']} task(s) stored as RETRY in the result backend although they succeeded "
+            f"(Celery's race: a zero-countdown retry runs and stores SUCCESS before the retrying attempt stores "
+            f"RETRY); the ledger has them right, a client reading the backend does not") if race else None
+    if not others:
+        return None, note
+    listed = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in kinds.items() if n and kind != "retry_after_success")
+    return (f"{others} of {audit['audited']} task(s) stored in the result backend in another state than the "
+            f"ledger's ({listed}): what a client reads from the backend is wrong for them"), note

@@ -78,6 +78,7 @@ from rich.text import Text
 
 from loadlab.reports.junit import JUnitCase, atomic_write_text, write_junit
 from loadlab.reports.model import GateEntry, unit_of
+from loadlab.reports.numbers import short_number
 from loadlab.reports.report import REPORT_FILE, verdict_with_gates, version_problem
 
 __all__ = [
@@ -253,13 +254,13 @@ def _parse_rule(position: int, raw: Any) -> Rule:
     maximum = _optional_number(raw, "max", label)
     if minimum is not None and maximum is not None and minimum > maximum:
         raise GateConfigError(
-            f"{label}: min {_fmt(minimum)} is greater than max {_fmt(maximum)}, so no value could pass."
+            f"{label}: min {short_number(minimum)} is greater than max {short_number(maximum)}, so no value could pass."
         )
     regression = _parse_fraction(raw["max_regression"], label) if raw.get("max_regression") is not None else None
 
     abs_floor = _optional_number(raw, "abs_floor", label)
     if abs_floor is not None and abs_floor < 0:
-        raise GateConfigError(f"{label}: abs_floor must be zero or positive, not {_fmt(abs_floor)}.")
+        raise GateConfigError(f"{label}: abs_floor must be zero or positive, not {short_number(abs_floor)}.")
     direction = raw.get("direction")
     if direction is not None and direction not in DIRECTIONS:
         raise GateConfigError(
@@ -318,8 +319,8 @@ def _parse_fraction(value: Any, label: str) -> float:
         raise bad
     if value > 1:
         raise GateConfigError(
-            f"{label}: max_regression {_fmt(float(value))} is ambiguous; a bare number is a fraction (0.10 = 10%), "
-            f"so write '{_fmt(float(value))}%' if you meant a percentage."
+            f"{label}: max_regression {short_number(float(value))} is ambiguous; a bare number is a fraction (0.10 = 10%), "
+            f"so write '{short_number(float(value))}%' if you meant a percentage."
         )
     return float(value)
 
@@ -422,13 +423,13 @@ def _check_bound(rule: Rule, value: float | None, bound: float, kind: Literal["m
     unit = _UNIT_LABEL[rule.unit]
     if value is None or math.isnan(value):
         passed = False
-        message = f"{rule.metric} has no value ({_fmt(value)}) in report.json; {kind} {_fmt(bound)}{unit}"
+        message = f"{rule.metric} has no value ({short_number(value)}) in report.json; {kind} {short_number(bound)}{unit}"
     else:
         passed = value >= bound if kind == "min" else value <= bound
         shown_op = op if passed else fail_op
-        message = f"{rule.metric} {_fmt(value)}{unit} {shown_op} {kind} {_fmt(bound)}{unit}"
+        message = f"{rule.metric} {short_number(value)}{unit} {shown_op} {kind} {short_number(bound)}{unit}"
     return GateResult(
-        rule=_rule_text(rule, f"{rule.metric} {op} {_fmt(bound)}"),
+        rule=_rule_text(rule, f"{rule.metric} {op} {short_number(bound)}"),
         metric=rule.metric,
         value=value,
         threshold=bound,
@@ -444,10 +445,10 @@ def _check_regression(rule: Rule, value: float | None, base: float) -> GateResul
     allowance = max(rule.max_regression * abs(base), floor)
     threshold = base + allowance if higher_is_worse else base - allowance
     unit = _UNIT_LABEL[rule.unit]
-    percent = f"{_fmt(rule.max_regression * 100)}%"
+    percent = f"{short_number(rule.max_regression * 100)}%"
     how = (
-        f"baseline {_fmt(base)}{unit} {'+' if higher_is_worse else '-'} allowance {_fmt(allowance)}{unit} "
-        f"= max({percent} of baseline, floor {_fmt(floor)}{unit})"
+        f"baseline {short_number(base)}{unit} {'+' if higher_is_worse else '-'} allowance {short_number(allowance)}{unit} "
+        f"= max({percent} of baseline, floor {short_number(floor)}{unit})"
     )
     rule_text = _rule_text(rule, f"{rule.metric} regression <= {percent} vs baseline")
 
@@ -459,16 +460,16 @@ def _check_regression(rule: Rule, value: float | None, base: float) -> GateResul
             threshold=threshold,
             passed=False,
             baseline=base,
-            message=f"{rule.metric} has no value ({_fmt(value)}) in report.json; limit {_fmt(threshold)}{unit} ({how})",
+            message=f"{rule.metric} has no value ({short_number(value)}) in report.json; limit {short_number(threshold)}{unit} ({how})",
         )
     worse_by = value - base if higher_is_worse else base - value
     passed = worse_by <= allowance + _EPSILON * max(1.0, abs(base))
     change = f"{(value - base) / abs(base) * 100:+.1f}% vs baseline" if base else f"{value - base:+g} vs baseline 0"
     if passed:
-        message = f"{rule.metric} {_fmt(value)}{unit} within limit {_fmt(threshold)}{unit} ({how}); {change}"
+        message = f"{rule.metric} {short_number(value)}{unit} within limit {short_number(threshold)}{unit} ({how}); {change}"
     else:
         op = ">" if higher_is_worse else "<"
-        message = f"{rule.metric} {_fmt(value)}{unit} {op} limit {_fmt(threshold)}{unit} ({how}); {change}"
+        message = f"{rule.metric} {short_number(value)}{unit} {op} limit {short_number(threshold)}{unit} ({how}); {change}"
     return GateResult(
         rule=rule_text,
         metric=rule.metric,
@@ -558,9 +559,9 @@ def _print_results(console: Console, results: Sequence[GateResult]) -> None:
         # Text(), not str: rule names are user input and must not be parsed as Rich markup.
         table.add_row(
             Text(result.rule),
-            Text(_fmt(result.value)),
-            Text(_fmt(result.threshold)),
-            Text(_fmt(result.baseline)),
+            Text(short_number(result.value)),
+            Text(short_number(result.threshold)),
+            Text(short_number(result.baseline)),
             verdict,
         )
     console.print(table)
@@ -577,9 +578,9 @@ def _junit_cases(results: Sequence[GateResult]) -> list[JUnitCase]:
         details = "\n".join(
             [
                 f"metric: {result.metric}",
-                f"value: {_fmt(result.value)}",
-                f"threshold: {_fmt(result.threshold)}",
-                f"baseline: {_fmt(result.baseline)}",
+                f"value: {short_number(result.value)}",
+                f"threshold: {short_number(result.threshold)}",
+                f"baseline: {short_number(result.baseline)}",
                 result.message,
             ]
         )
@@ -609,7 +610,7 @@ def format_markdown(results: Sequence[GateResult]) -> str:
     for result in results:
         verdict = "✅ pass" if result.passed else "❌ **fail**"
         rule = f"`{_md_code(result.rule)}`"
-        cells = [verdict, rule, _fmt(result.value), _fmt(result.threshold), _fmt(result.baseline)]
+        cells = [verdict, rule, short_number(result.value), short_number(result.threshold), short_number(result.baseline)]
         lines.append("| " + " | ".join(_md_cell(cell) for cell in cells) + " |")
     if failed:
         lines += ["", "Why they failed:", ""]
@@ -628,19 +629,6 @@ def _rule_text(rule: Rule, expression: str) -> str:
     return f"{rule.name}: {expression}" if rule.name else expression
 
 
-def _fmt(value: float | None) -> str:
-    """Short, stable numbers for tables and messages: 250, 412.3, 0.0123."""
-    if value is None:
-        return "—"
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.4g}"
-
-
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
@@ -653,7 +641,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, str):
         return f"the text '{value}'"
     if isinstance(value, (int, float)):
-        return f"the number {_fmt(float(value))}"
+        return f"the number {short_number(float(value))}"
     return f"a {type(value).__name__}"
 
 

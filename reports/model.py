@@ -394,6 +394,8 @@ class FailedTask(Section):
 class Verdict(Section):
     status: Literal["pass", "warn", "fail"]
     problems: list[str]
+    notes: list[str] = Field([], description="What was accounted and is not a problem of the run: the reference "
+                             "mix's designed failures, Celery's RETRY-after-SUCCESS race in the result backend")
     ledger_status: Literal["pass", "warn", "fail"] | None = Field(
         None, description="The verdict of the ledger alone, before gates")
 

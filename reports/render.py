@@ -31,7 +31,23 @@ def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], *
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue: str | None = None) -> str | None:
+MIN_LATENCY_SAMPLES = 10  # a bucket's percentiles are drawn only from this many finished tasks up
+
+
+def latency_points(rows: list[dict]) -> list[tuple[float, float | None, float | None]]:
+    """(t, p50, p95) of each bucket with at least ``MIN_LATENCY_SAMPLES`` finished tasks: the drain's last buckets
+    hold a handful of stragglers, mostly retried tasks whose end to end includes their backoff, and one of them
+    would draw a p95 spike of seconds that no task of the load saw."""
+    points = []
+    for r in rows:
+        finished = round((r["completed_per_s"] + r["failed_per_s"]) * r.get("width_s", 1.0))
+        if finished >= MIN_LATENCY_SAMPLES:
+            points.append((r["t_s"], r["end_to_end_p50_ms"], r["end_to_end_p95_ms"]))
+    return points
+
+
+def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue: str | None = None,
+                    queue_peak: int | None = None) -> str | None:
     """Four panels on one time axis: rates, tasks in the system (ledger), broker queue depth (sampled), latency."""
     if not rows:
         return None
@@ -63,18 +79,23 @@ def timeseries_plot(rows: list[dict], load_stopped_s: float | None = None, queue
         depth.fill_between(xs, ys, step="post", color="#fb8f44", alpha=0.25)
         depth.step(xs, ys, where="post", color="#bc4c00", linewidth=1.6, zorder=3,
                    label=f"broker queue depth: ready messages in{where} (sampled ~1/s)")
-        peak = max(ys)
+        # the caption's peak is of every sample; the steps show each bucket's last one, which can be lower
+        peak = max(ys) if queue_peak is None else max(queue_peak, max(ys))
         depth.set_ylim(bottom=0, top=max(1.0, peak * 1.3))
         depth.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
-        depth.text(0.995, 0.93, f"peak {peak:,} · after the drain {ys[-1]:,}", transform=depth.transAxes,
+        shown = "" if peak == max(ys) else f" (each bucket's last sample drawn: up to {max(ys):,})"
+        depth.text(0.995, 0.93, f"peak {peak:,}{shown} · after the drain {ys[-1]:,}", transform=depth.transAxes,
                    ha="right", va="top", fontsize=8, color="#bc4c00")
     else:
         depth.set_ylim(0, 1)
         depth.text(0.5, 0.5, "no broker queue-depth samples in this report", transform=depth.transAxes,
                    ha="center", va="center", fontsize=9, color="#57606a")
     depth.set_ylabel("broker queue depth\n(messages)")
-    bottom.plot(t, [r["end_to_end_p50_ms"] for r in rate_rows], label="end-to-end p50", color="#8250df")
-    bottom.plot(t, [r["end_to_end_p95_ms"] for r in rate_rows], label="end-to-end p95", color="#bf3989")
+    latency = latency_points(rate_rows)
+    bottom.plot([x for x, _, _ in latency], [p50 for _, p50, _ in latency], label="end-to-end p50", color="#8250df")
+    bottom.plot([x for x, _, _ in latency], [p95 for _, _, p95 in latency], label="end-to-end p95", color="#bf3989")
+    bottom.text(0.005, 0.93, f"buckets with fewer than {MIN_LATENCY_SAMPLES} finished tasks left out",
+                transform=bottom.transAxes, ha="left", va="top", fontsize=7, color="#57606a")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds since the first task was sent")
     for axis in (top, middle, depth, bottom):
@@ -290,7 +311,7 @@ def render_html(report: dict) -> str:
     settings_rows = [[k, v] for k, v in report["settings"].items()]
     sampling = report.get("queue_depth_sampling") or {}
     plot = timeseries_plot(report.get("timeseries", []), report.get("timeseries_load_stopped_s"),
-                           sampling.get("queue"))
+                           sampling.get("queue"), sampling.get("peak"))
     percentiles = percentile_plot(report.get("histograms_hdr", {}))
     locust = report["locust"]
     lost_ids = report.get("drain", {}).get("lost_ids", [])
@@ -299,7 +320,8 @@ def render_html(report: dict) -> str:
         f"<header style='border-left:8px solid {colour}'><h1>loadlab · {html.escape(report['scenario'])} · "
         f"<span style='color:{colour}'>{v['status'].upper()}</span></h1>"
         f"<p class='headline'>{html.escape(headline)}</p><p>{html.escape(problems)}</p>"
-        f"<p class='meta'>started {html.escape(report['started_at'])} · load {report['duration_s']:.1f} s · "
+        + "".join(f"<p class='note'>Accounted: {html.escape(note)}.</p>" for note in v.get("notes", []))
+        + f"<p class='meta'>started {html.escape(report['started_at'])} · load {report['duration_s']:.1f} s · "
         f"Locust {locust['requests']:,} requests, {locust['failures']:,} failures, {locust['rps']:.1f} req/s</p></header>",
         "<section><h2>Task ledger</h2>" + _table(["", "tasks"], ledger_rows) +
         "<p class='note'>submitted = succeeded + failed + revoked + lost; a task that retried and then succeeded "
@@ -308,7 +330,7 @@ def render_html(report: dict) -> str:
         _table(["phase", "count", "mean", "p50", "p90", "p95", "p99", "max"], phases) + (percentiles or "") +
         "<p class='note'>publish: apply_async until the broker accepted the message · queue wait: sent (or retry "
         "ETA) → started · execution: started → body returned · result store: body returned → result stored · "
-        "end to end: first sent → final result stored.</p></section>",
+        "end to end: first sent → final result stored.</p>" + _sample_counts_note(report) + "</section>",
     ]
     if plot:
         little = report.get("littles_law")
@@ -344,7 +366,7 @@ def render_html(report: dict) -> str:
                                "policy allows s"], backoff_rows) +
                        "<p class='note'>observed = the failed attempt's exception → the next attempt started (countdown "
                        "plus queueing). Celery's full jitter draws a countdown uniformly in [0, min(max, factor·2^retry)] "
-                       "whole seconds.</p>")
+                       "whole seconds.</p>" + _backoff_count_note(retries, report["tasks"]))
     if chain_rows:
         retry_html += ("<h3>Retry chains (first tasks that retried)</h3>" +
                        _table(["task id", "task", "attempts", "final", "chain", "first publish → final ms"],
@@ -450,6 +472,28 @@ pre{background:#f6f8fa;padding:8px;font-size:12px} .wide{overflow-x:auto} detail
             + "".join(sections) + "</body></html>")
 
 
+def _sample_counts_note(report: dict) -> str:
+    """Why a phase can have fewer samples than tasks: said when it does, with the numbers."""
+    submitted, publish = report["tasks"]["submitted"], report["latency_ms"]["publish"]["count"]
+    if publish >= submitted:
+        return ""
+    return (f"<p class='note'>publish has {publish:,} samples for {submitted:,} tasks submitted: a publish is timed "
+            f"by the producer when apply_async returns, and one under way when the load stopped (Locust stops its "
+            f"users mid-call) reached the broker, so the task counts as submitted and runs, without a publish time. "
+            f"Tasks sent by producers loadlab does not instrument have none either.</p>")
+
+
+def _backoff_count_note(retries: dict, tasks: dict) -> str:
+    observed = sum(v["count"] for v in retries.get("backoff_by_retry_s", {}).values())
+    if observed >= tasks["retried"]:
+        return ""
+    return (f"<p class='note'>{observed:,} backoff observations for {tasks['retried']:,} retries: a delay is observed "
+            f"when both the failed attempt and the next attempt's start are in the ledger by the time the task "
+            f"finishes. A retry whose record reaches the ledger after its task's final one (the retry is published "
+            f"before its record is written, and a zero countdown can run it first) counts as a retry with no "
+            f"observation.</p>")
+
+
 def _backoff_rows(retries: dict) -> list[list]:
     policy = retries.get("policy", {})
     factor, ceiling = policy.get("backoff_factor_s"), policy.get("backoff_max_s")
@@ -542,6 +586,8 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {PHASE_LABELS[p]} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['max']:.2f} |")
     if v["problems"]:
         lines += ["", "Problems: " + "; ".join(v["problems"]) + "."]
+    if v.get("notes"):
+        lines += ["", "Accounted: " + "; ".join(v["notes"]) + "."]
     failed_tasks = report.get("failed_tasks") or []
     if failed_tasks:
         lines += ["", "| failed for good | task | exception | attempts |", "|---|---|---|---:|"]

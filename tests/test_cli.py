@@ -39,10 +39,17 @@ def test_environment_values_are_validated_too(tmp_path):
 def test_scenarios_lists_one_line_each():
     from loadlab.loadtests.scenarios import SCENARIOS
 
-    result = run_cli("scenarios", timeout=60)
+    result = run_cli("scenarios", timeout=60, env={"COLUMNS": "200"})
     assert result.returncode == 0
-    for name in SCENARIOS:
-        assert name in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert set(SCENARIOS) <= set(lines)
+    for name, scenario in SCENARIOS.items():
+        # closed models by their users; the open model by its arrival rate, with no users column to misread
+        if scenario.open_arrivals:
+            assert f"{scenario.users * scenario.rate_per_user:g} tasks/s arriving" in lines[name]
+            assert "users" not in lines[name]
+        else:
+            assert f"{scenario.users} users × {scenario.rate_per_user:g}/s" in lines[name]
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])

@@ -443,3 +443,14 @@ def test_ci_rules_file_is_valid_and_passes_a_healthy_smoke_run() -> None:
     unhealthy = make_report(lost=3, failures=2)
     failed = {result.metric for result in evaluate(unhealthy, rules) if not result.passed}
     assert failed == {"tasks.lost", "locust.request_failures"}
+
+
+def test_a_failed_gate_on_a_count_shows_the_count_in_the_verdict_not_a_float():
+    from loadlab.reports.report import verdict_with_gates
+
+    verdict = verdict_with_gates({"status": "pass", "problems": []}, [
+        {"rule": "tasks.failed max 0", "value": 702.0, "threshold": 0.0, "passed": False},
+        {"rule": "latency_ms.end_to_end.p95 max 250", "value": 412.345, "threshold": 250.0, "passed": False}])
+    assert verdict["status"] == "fail"
+    assert any("(value 702, threshold 0)" in p for p in verdict["problems"]), verdict["problems"]
+    assert any("(value 412.3, threshold 250)" in p for p in verdict["problems"]), verdict["problems"]

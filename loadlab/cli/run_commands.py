@@ -220,9 +220,12 @@ def scenarios():
 
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column("scenario")
-    table.add_column("users", justify="right")
+    table.add_column("load", justify="right")
     table.add_column("duration", justify="right")
     table.add_column("what it does")
     for s in SCENARIOS.values():
-        table.add_row(s.name, str(s.users), f"{s.duration_s:g}s", s.summary)
+        # an open model has no users to speak of: its load is the arrival rate, whatever the tasks take
+        load = (f"{s.users * s.rate_per_user:g} tasks/s arriving" if s.open_arrivals
+                else f"{s.users} users × {s.rate_per_user:g}/s")
+        table.add_row(s.name, load, f"{s.duration_s:g}s", s.summary)
     console.print(table)
