@@ -15,7 +15,7 @@ What the tab shows, and where it comes from:
 
 Above the table, ``webui_assets/celery_charts.js`` (served on ``/celery/charts.js`` and added to Locust's page) draws
 live charts from ``/celery/stats`` every two seconds — throughput by state, queue depth ready and unacked, end-to-end
-p50/p95, over time (the recorder's per-second series, the monitor's recent queue polls) — and tables per task name
+p50/p95, queue wait and execution p50/p95, over time (the recorder's per-second series, the monitor's recent queue polls) — and tables per task name
 (final states, end-to-end percentiles: the report's ``latency_ms_extra.end_to_end_by_task``) and per worker (the
 attempts each finished). It keeps polling after a stop, when Locust's own page no longer does.
 

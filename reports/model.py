@@ -286,6 +286,10 @@ class TimeseriesRow(Section):
     queue_depth: int | None = count("From the broker: ready messages in the run's queue (the bucket's last sample)")
     end_to_end_p50_ms: float | None = ms()
     end_to_end_p95_ms: float | None = ms()
+    queue_wait_p50_ms: float | None = ms("Of the attempts that started in the bucket", default=None)
+    queue_wait_p95_ms: float | None = ms("Of the attempts that started in the bucket", default=None)
+    execution_p50_ms: float | None = ms("Of the attempts that started in the bucket", default=None)
+    execution_p95_ms: float | None = ms("Of the attempts that started in the bucket", default=None)
 
 
 class QueueDepthSampling(Section):

@@ -62,6 +62,12 @@ def histogram_stats_ms(hist: HdrHistogram) -> dict:
     return out
 
 
+def _percentiles_ms(phase: str, hist: HdrHistogram) -> dict:
+    """``<phase>_p50_ms`` and ``<phase>_p95_ms`` of a bucket's histogram (None without a sample)."""
+    count = hist.get_total_count()
+    return {f"{phase}_p{p}_ms": round(hist.get_value_at_percentile(p) / 1000, 3) if count else None for p in (50, 95)}
+
+
 @dataclass
 class Bucket:
     submitted: int = 0
@@ -69,6 +75,9 @@ class Bucket:
     failed: int = 0
     retried: int = 0
     end_to_end: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS, word_size=4))
+    # queue wait and execution of the attempts that started in the bucket
+    queue_wait: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS, word_size=4))
+    execution: HdrHistogram = field(default_factory=lambda: new_histogram(SERIES_DIGITS, word_size=4))
     # the broker's queue depth: the last sample taken in the bucket, and when it was taken (None: no sample)
     queue_depth: int | None = None
     queue_depth_at: float | None = None
@@ -91,6 +100,8 @@ class Bucket:
         self.left_end_to_end_sq_s2 += other.left_end_to_end_sq_s2
         self.left_timed += other.left_timed
         self.end_to_end.add(other.end_to_end)
+        self.queue_wait.add(other.queue_wait)
+        self.execution.add(other.execution)
         if other.queue_depth_at is not None:
             self.observe_queue_depth(other.queue_depth_at, other.queue_depth)
 
@@ -168,6 +179,7 @@ class TimeSeries:
                 "queue_depth": b.queue_depth,
                 "end_to_end_p50_ms": round(b.end_to_end.get_value_at_percentile(50) / 1000, 3) if count else None,
                 "end_to_end_p95_ms": round(b.end_to_end.get_value_at_percentile(95) / 1000, 3) if count else None,
+                **_percentiles_ms("queue_wait", b.queue_wait), **_percentiles_ms("execution", b.execution),
             })
         return rows
 
@@ -318,9 +330,13 @@ class Recorder:
                  finished_at, retries, exc_type, intended_at=None, hostname=None) -> None:
         if started_at is not None:
             queued_since = max(attempt_sent_at or sent_at or started_at, eta or 0)
-            record_seconds(self.histograms["queue_wait"], max(0.0, started_at - queued_since))
+            queue_wait_s = max(0.0, started_at - queued_since)
+            record_seconds(self.histograms["queue_wait"], queue_wait_s)
+            started_bucket = self._series(started_at)
+            record_seconds(started_bucket.queue_wait, queue_wait_s)
             if body_done_at is not None:
                 record_seconds(self.histograms["execution"], max(0.0, body_done_at - started_at))
+                record_seconds(started_bucket.execution, max(0.0, body_done_at - started_at))
                 record_seconds(self.histograms["result_store"], max(0.0, finished_at - body_done_at))
         if hostname and (state == "RETRY" or state in ledger.TERMINAL_STATES):
             states = self.per_worker_states.setdefault(hostname, {})

@@ -259,7 +259,9 @@ def test_celery_tab_in_headless_chromium(run_dir):
                 charts = wait_tab(page, lambda p: (c := tab_charts(p)) and min(
                     c.get("Throughput by state", {}).get("succeeded", 0), c.get("Queue depth", {}).get("ready", 0),
                     c.get("End-to-end latency", {}).get("p95", 0)) >= 3 and c, 20, "charts with points")
-                assert set(charts) == {"Throughput by state", "Queue depth", "End-to-end latency"}
+                assert set(charts) == {"Throughput by state", "Queue depth", "End-to-end latency",
+                                       "Queue wait and execution"}
+                assert min(charts["Queue wait and execution"].values()) >= 1
                 assert set(charts["Queue depth"]) == {"ready", "unacked"}
                 live = get_json(f"{url}/celery/stats")
                 assert set(tab_table(page, "by_task")) <= set(live["by_task"]) and tab_table(page, "by_task")

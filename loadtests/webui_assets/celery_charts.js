@@ -49,7 +49,7 @@
         .map(function (p) { return px(p[0]).toFixed(1) + "," + py(p[1]).toFixed(1); });
       svg.appendChild(el("polyline", {points: points.join(" "), fill: "none", stroke: COLORS[i % COLORS.length],
                                       "stroke-width": 1.5, "data-series": s.name}));
-      svg.appendChild(el("text", {x: L + 6 + i * 90, y: T + 12, "font-size": 10, fill: COLORS[i % COLORS.length]},
+      svg.appendChild(el("text", {x: L + 6 + i * 78, y: T + 12, "font-size": 10, fill: COLORS[i % COLORS.length]},
                          s.name));
     });
     return box;
@@ -94,6 +94,9 @@
       {name: "unacked", points: queue.map(function (q) { return [q[0], q[2]]; })}]));
     panel.appendChild(chart("End-to-end latency", "ms", [
       {name: "p50", points: line("end_to_end_p50_ms")}, {name: "p95", points: line("end_to_end_p95_ms")}]));
+    panel.appendChild(chart("Queue wait and execution", "ms", [
+      {name: "wait p50", points: line("queue_wait_p50_ms")}, {name: "wait p95", points: line("queue_wait_p95_ms")},
+      {name: "exec p50", points: line("execution_p50_ms")}, {name: "exec p95", points: line("execution_p95_ms")}]));
     var byTask = stats.by_task || {};
     panel.appendChild(table("Per task", ["task", "succeeded", "failed", "end-to-end p50 ms", "p95 ms", "samples"],
       Object.keys(byTask).map(function (name) {
