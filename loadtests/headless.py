@@ -27,7 +27,11 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
     scenario = scenario or get_scenario(settings.scenario)
     if scenario.chaos and not settings.chaos:  # validated again: the chaos plan changes derived defaults
         settings = Settings(**{**settings.model_dump(exclude_unset=True), "chaos": scenario.chaos})
-    console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
+    if settings.tasks:  # the scenario gives users, rates and shape; the task mix what they publish
+        console.print(f"loadlab run [bold]{scenario.name}[/] publishing the task mix {settings.tasks} of "
+                      f"{settings.app or 'the reference app'}")
+    else:
+        console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:
         from loadlab.stack.prometheus import PrometheusMissing, binary
 

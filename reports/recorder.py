@@ -14,6 +14,7 @@ from typing import Callable
 from hdrh.histogram import HdrHistogram
 
 from loadlab.exporters import ledger
+from loadlab.stack.tasks import short_name
 
 PHASES = ("publish", "queue_wait", "execution", "result_store", "end_to_end")
 REPORT_PHASES = ("publish", "queue_wait", "execution", "end_to_end")
@@ -305,7 +306,7 @@ class Recorder:
             end_to_end = max(0.0, end_to_end)
             record_seconds(self.histograms["end_to_end"], end_to_end)
             record_seconds(bucket.end_to_end, end_to_end)
-            short = name.rsplit(".", 1)[-1] if name else "?"
+            short = short_name(name) if name else "?"  # the app's own tasks keep their registered names
             hist = self.per_task.get(short)
             if hist is None:
                 hist = self.per_task[short] = new_histogram()
@@ -339,7 +340,7 @@ class Recorder:
                                           "first_sent_at": sent_at, "finished_at": finished_at, "chain": chain})
         if self.on_completion is not None:
             try:
-                self.on_completion(name.rsplit(".", 1)[-1] if name else "?", state, end_to_end)
+                self.on_completion(short_name(name) if name else "?", state, end_to_end)
             except Exception:  # noqa: BLE001 - a listener must not stop the ledger
                 pass
 

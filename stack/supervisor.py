@@ -139,7 +139,7 @@ class Stack:
     def _worker_child(self, index: int) -> Child:
         s = self.settings
         command = [sys.executable, "-m", "celery", "-A", "loadlab.stack.worker_app:app", "worker",
-                   "--hostname", self.worker_name(index), "--queues", s.queue, "--pool", s.pool, "--concurrency", str(s.concurrency),
+                   "--hostname", self.worker_name(index), "--queues", ",".join(s.worker_queues), "--pool", s.pool, "--concurrency", str(s.concurrency),
                    "--prefetch-multiplier", str(s.prefetch_multiplier), "--loglevel", "INFO",
                    "--without-mingle", "--without-gossip"]
         if s.max_tasks_per_child:

@@ -28,6 +28,8 @@ INVALID_TEXT = {
     "backend": "mongodb://127.0.0.1/results",
     "app": "no colon here",
     "queue": "has spaces!",
+    "queues": "celery,has spaces!",
+    "tasks": "/no/such/tasks.yml",
     "metrics_host": "not a host!",
     "api_host": "http://0.0.0.0:80",
     "chaos": "explode",
@@ -96,7 +98,7 @@ def _invalid_values(name: str, info) -> list[str]:
 
 # settings that are a flag of one command only (the others take them from the environment)
 COMMAND_OF = {"standalone_api_port": "api", "exporter_port": "exporter", "exporter_interval_s": "exporter",
-              "web_port": "ui"}
+              "web_port": "ui", "tasks": "run"}
 
 
 def _setting_cases(out: Path):

@@ -19,7 +19,7 @@ err_console = Console(stderr=True, highlight=False)
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
                    "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "progress_interval_s", "interrupted_drain_s", "prometheus",
                    # options of one command each, not of every stack command
-                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port"}
+                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port", "tasks"}
 RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s",
               "progress_interval_s", "interrupted_drain_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -85,6 +85,20 @@ def build_settings(**given) -> Settings:
         settings = Settings.build(**given)
         settings.check_ports_free()
         return settings
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+task_mix_option = settings_options(["tasks"])
+
+
+def check_task_mix(settings: Settings) -> Settings:
+    """The task mix (--tasks) checked against the app before anything starts (exit 2 with the sentence); the
+    settings with the queues it publishes to."""
+    from loadlab.loadtests.task_mix import load_task_mix, with_mix_queues
+
+    try:
+        return with_mix_queues(settings, load_task_mix(settings))
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
 

@@ -12,6 +12,7 @@ from loadlab.cli.common import (
     STACK_FIELDS,
     UsageError,
     build_settings,
+    check_task_mix,
     console,
     install_stop_signals,
     int_list,
@@ -21,6 +22,7 @@ from loadlab.cli.common import (
     run_options,
     settings_options,
     stack_options,
+    task_mix_option,
 )
 from loadlab.cli.gate_commands import gate_run, load_gate_rules
 from loadlab.reports.report import REPORT_FILE
@@ -31,6 +33,7 @@ from loadlab.reports.report import REPORT_FILE
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
+@task_mix_option
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
@@ -46,6 +49,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
+    settings = check_task_mix(settings)
     rules = None
     if gates_file:
         rules = load_gate_rules(gates_file, baseline)
@@ -66,6 +70,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
+@task_mix_option
 @settings_options(["web_port"])
 @click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
                                           "(default reports/runs/<UTC-timestamp>-ui/)")
@@ -79,6 +84,7 @@ def ui(scenario, out, **options):
 
     settings = build_settings(scenario=scenario, **options)
     get_scenario(settings.scenario)
+    settings = check_task_mix(settings)
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
     preflight(settings)
@@ -96,6 +102,7 @@ SWEPT = {"workers", "concurrency", "prefetch_multiplier", "pool"}
 @click.argument("scenario", required=False, default="saturate")
 @settings_options([n for n in STACK_FIELDS if n not in SWEPT])
 @run_options
+@task_mix_option
 @click.option("--workers", "workers_list", default="1,2,3,4", show_default=True, help="Worker counts to sweep")
 @click.option("--concurrency", "concurrency_list", default="1", show_default=True, help="Pool sizes to sweep")
 @click.option("--prefetch", "prefetch_list", default="4", show_default=True, help="Prefetch multipliers to sweep")
@@ -116,7 +123,7 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     for pool in pools:
         build_settings(pool=pool)
     scenario_def = get_scenario(scenario)
-    settings = build_settings(scenario=scenario, **options)
+    settings = check_task_mix(build_settings(scenario=scenario, **options))
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
     preflight(settings)
@@ -215,3 +222,39 @@ def scenarios():
     for s in SCENARIOS.values():
         table.add_row(s.name, str(s.users), f"{s.duration_s:g}s", s.summary)
     console.print(table)
+
+
+@click.command()
+@settings_options(["app"])
+@click.option("--write", "write_path", default="tasks.yml", show_default=True,
+              help="Task-mix file to write with every task once ('' = list only)")
+@click.option("--force", is_flag=True, help="Overwrite the --write file if it exists")
+def tasks(write_path, force, **options):
+    """List the tasks the app registers (your --app, else the reference tasks) with their signatures, and write a
+    first task-mix file for `loadlab run --tasks`."""
+    from pathlib import Path
+
+    from loadlab.loadtests.task_mix import signature_of, starting_file
+    from loadlab.stack.app import registered_tasks
+
+    settings = build_settings(**options)
+    registry = registered_tasks(settings)
+    path = Path(write_path) if write_path else None
+    if path is not None and path.exists() and not force:
+        raise UsageError(f"--write {write_path!r} exists; give another file, add --force to overwrite it, or "
+                         "--write '' to only list the tasks.")
+    table = Table(show_header=True, header_style="bold", box=None)
+    table.add_column("task")
+    table.add_column("signature")
+    table.add_column("queue")
+    for name, task in registry.items():
+        signature = signature_of(task)
+        table.add_row(name, str(signature) if signature else "?", getattr(task, "queue", None) or "")
+    console.print(table)
+    if path is not None:
+        try:
+            path.write_text(starting_file(registry))
+        except OSError as exc:
+            raise UsageError(f"--write {write_path!r} cannot be written ({exc.strerror}); give a writable path.") from None
+        console.print(f"wrote {path} ({len(registry)} tasks): edit it, then loadlab run --tasks {path}"
+                      + (f" --app {settings.app}" if settings.app else ""))
