@@ -154,7 +154,9 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                   **({"chaos": chaos_section} if chaos_section else {}),
                                   **({"interrupted": interrupted} if interrupted else {})})
     _print_summary(report, run_dir, console)
-    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if report["verdict"]["status"] == "fail" else EXIT_OK  # a FAIL run fails the build
 
 
 def _interruption(exc: BaseException, during: str, load: LocustRun) -> dict:

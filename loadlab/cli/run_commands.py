@@ -8,10 +8,12 @@ import click
 from rich.table import Table
 
 from loadlab.cli.common import (
+    EXIT_FAILED,
     EXIT_OK,
     STACK_FIELDS,
     UsageError,
     build_settings,
+    check_queues_free,
     check_task_mix,
     console,
     install_stop_signals,
@@ -22,7 +24,7 @@ from loadlab.cli.common import (
     run_options,
     settings_options,
     stack_options,
-    task_mix_option,
+    run_queue_options,
 )
 from loadlab.cli.gate_commands import gate_run, load_gate_rules
 from loadlab.reports.report import REPORT_FILE
@@ -33,7 +35,7 @@ from loadlab.reports.report import REPORT_FILE
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
-@task_mix_option
+@run_queue_options
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
@@ -56,13 +58,13 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
     elif baseline:
         raise UsageError(f"--baseline {baseline!r} is only used with --gates; add --gates FILE or leave --baseline out.")
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, settings.scenario)
     install_stop_signals()
-    code = execute_run(settings, run_dir, console=console)
-    if code != EXIT_OK:
-        sys.exit(code)
-    if rules is not None:
-        sys.exit(gate_run(run_dir, gates_file, baseline))
+    code = execute_run(settings, run_dir, console=console)  # 1: the verdict is FAIL (or the stack did not start)
+    if rules is not None and code in (EXIT_OK, EXIT_FAILED) and (run_dir / REPORT_FILE).is_file():
+        code = max(code, gate_run(run_dir, gates_file, baseline))
+    sys.exit(code)
 
 
 # --- ui -----------------------------------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
-@task_mix_option
+@run_queue_options
 @settings_options(["web_port"])
 @click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
                                           "(default reports/runs/<UTC-timestamp>-ui/)")
@@ -88,6 +90,7 @@ def ui(scenario, out, **options):
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, "ui")
     install_stop_signals()
     code = serve(settings, run_dir, settings.web_port, console=console)
@@ -102,7 +105,7 @@ SWEPT = {"workers", "concurrency", "prefetch_multiplier", "pool"}
 @click.argument("scenario", required=False, default="saturate")
 @settings_options([n for n in STACK_FIELDS if n not in SWEPT])
 @run_options
-@task_mix_option
+@run_queue_options
 @click.option("--workers", "workers_list", default="1,2,3,4", show_default=True, help="Worker counts to sweep")
 @click.option("--concurrency", "concurrency_list", default="1", show_default=True, help="Pool sizes to sweep")
 @click.option("--prefetch", "prefetch_list", default="4", show_default=True, help="Prefetch multipliers to sweep")
@@ -127,6 +130,7 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, "sweep")
     install_stop_signals()
     scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,

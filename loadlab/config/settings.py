@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     queue: str = Field("celery", pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Queue the tasks go to and the workers consume")
     queues: str | None = Field(None, description="Queues the workers consume, comma-separated; unset = --queue plus "
                                "every queue the task mix and the app's task_queues and task_routes name")
+    allow_foreign_consumers: bool = Field(False, description="Run even when a consumer that is not the run's "
+                                          "(another worker, another app) already consumes one of its queues")
     tasks: str | None = Field(None, description="Task-mix YAML file of your app's tasks (`loadlab tasks` writes "
                               "one); replaces the scenario's mix")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
@@ -215,6 +217,8 @@ class Settings(BaseSettings):
     ledger_url: str | None = Field(None, description="Redis URL of the run's task ledger channel")
     api_url: str | None = Field(None, description="Base URL of the running producer API")
     run_dir: str | None = Field(None, description="Run directory")
+    explicit: list[str] = Field(default_factory=list, description="The settings given as flags or LOADLAB_* "
+                                "variables (the ones loadlab applies over an --app's own configuration)")
 
     @field_validator("broker")
     @classmethod
@@ -299,9 +303,10 @@ class Settings(BaseSettings):
         given = {k: v for k, v in overrides.items() if v is not None}
         check_variable_names(os.environ)
         try:
-            return cls(**given)
+            settings = cls(**given)
         except ValidationError as exc:
             raise SettingsError(explain(exc, flags=given)) from None
+        return settings.model_copy(update={"explicit": sorted(settings.model_fields_set - {"explicit"})})
 
     @classmethod
     def from_env(cls) -> "Settings":
