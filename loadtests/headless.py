@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from loadlab.config.celery_config import over_app
 from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics, tracing
 from loadlab.exporters.scrape import scrape_all
@@ -52,7 +53,10 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
 
 def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     settings = stack.settings
-    write_json(run_dir / "settings.json", settings.masked())
+    app_config = over_app(stack.app, settings) if settings.app else None
+    write_json(run_dir / "settings.json", {**settings.masked(), **({"app_config": app_config} if app_config else {})})
+    for sentence in (app_config or {}).get("contradicted", ()):
+        console.print(f"[yellow]note:[/] {sentence}")
     load = LocustRun(settings, scenario, run_dir / "locust")
     recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
                         on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
@@ -152,6 +156,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                   "queue_depth_sampling": queue_depth.summary(sampler, "the run's broker poll"),
                                   "serialization_measured": serialization,
                                   **({"chaos": chaos_section} if chaos_section else {}),
+                                  **({"app_config": app_config} if app_config else {}),
                                   **({"interrupted": interrupted} if interrupted else {})})
     _print_summary(report, run_dir, console)
     if interrupted:

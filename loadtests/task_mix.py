@@ -342,11 +342,19 @@ def load_task_mix(settings: Settings) -> TaskMix | None:
     return mix
 
 
-def with_mix_queues(settings: Settings, mix: TaskMix | None) -> Settings:
-    """Without --queues, the workers consume --queue plus every queue the task mix publishes to."""
-    if mix is None or settings.queues or not mix.queues:
-        return settings
-    return settings.model_copy(update={"queues": ",".join(dict.fromkeys([settings.queue, *mix.queues]))})
+def with_run_queues(settings: Settings, mix: TaskMix | None) -> Settings:
+    """Without --queues, the workers consume the app's queues (its default, declared and routed ones; --queue for
+    the reference app) plus every queue the task mix publishes to; without --queue, the app's default queue is the
+    run's (the one its depth is sampled on)."""
+    from loadlab.stack.app import app_queues
+
+    queues = app_queues(settings) if settings.app else [settings.queue]
+    update = {} if "queue" in settings.explicit else {"queue": queues[0]}
+    if not settings.queues:
+        names = list(dict.fromkeys([*queues, *(mix.queues if mix else ())]))
+        if names != [settings.queue]:
+            update["queues"] = ",".join(names)
+    return settings.model_copy(update=update) if update else settings
 
 
 # --- a first file for an app --------------------------------------------------------------------------------------

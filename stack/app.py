@@ -7,7 +7,7 @@ import sys
 from celery import Celery
 from celery.utils.imports import symbol_by_name
 
-from loadlab.config.celery_config import celery_config, use_stack_urls
+from loadlab.config.celery_config import apply_over_app, celery_config
 from loadlab.config.settings import Settings, SettingsError
 from loadlab.exporters import ledger_hooks
 from loadlab.stack.tasks import register_tasks
@@ -49,7 +49,7 @@ def make_app(settings: Settings | None = None, role: str = "producer") -> Celery
     settings = settings or Settings.from_env()
     if settings.app:
         app = import_user_app(settings.app)
-        use_stack_urls(app, settings)
+        apply_over_app(app, settings)  # the stack's URLs, and the loadlab settings given, over the app's own
     else:
         app = Celery("loadlab", broker=settings.broker, backend=settings.backend, set_as_current=True)
         app.conf.update(celery_config(settings))
@@ -65,3 +65,25 @@ def make_app(settings: Settings | None = None, role: str = "producer") -> Celery
 
         tracing.install(app, settings, role)
     return app
+
+
+def app_queues(settings: Settings) -> list[str]:
+    """The queues a user's app declares (task_queues), routes its tasks to (task_routes, a task's own queue) and
+    defaults to (task_default_queue, or --queue when given)."""
+    app = import_user_app(settings.app)
+    tasks = registered_tasks(settings)
+    default = settings.queue if "queue" in settings.explicit else (app.conf.task_default_queue or settings.queue)
+    names = [default]
+    for queue in app.conf.task_queues or ():
+        names.append(getattr(queue, "name", None) or (queue.get("name") if isinstance(queue, dict) else str(queue)))
+    router = app.amqp.router
+    for name, task in tasks.items():
+        if getattr(task, "queue", None):
+            names.append(getattr(task.queue, "name", task.queue))
+        try:
+            routed = router.route({}, name, args=(), kwargs={})
+        except Exception:  # noqa: BLE001 - a router of the user's that needs real arguments: that task is skipped
+            continue
+        queue = routed.get("queue")
+        names.append(getattr(queue, "name", queue))
+    return [n for n in dict.fromkeys(names) if n]

@@ -23,6 +23,8 @@ from celery import Celery
 from reports.tasks import summarize
 
 app = Celery("shopapp", broker="redis://127.0.0.1:1/0")  # its own URL: loadlab points it at the stack's broker
+app.conf.task_routes = {"shopapp.tasks.charge": {"queue": "payments"}}  # consumed by the run's workers
+app.conf.worker_prefetch_multiplier = 8  # its own: --prefetch-multiplier overrides it, and the report says so
 app.task(name="shopapp.summarize")(summarize)
 
 
@@ -63,7 +65,6 @@ tasks:
   - name: shopapp.tasks.charge
     weight: 2
     kwargs: {order_id: {$range: [1, 1000]}, amount: {$one_of: [9.5, 20]}, note: {$bytes: 64}}
-    queue: payments
   - name: shopapp.summarize
     hook: shopapp.load:summarize_args
 """
@@ -242,7 +243,7 @@ def test_a_run_from_the_users_project_publishes_its_tasks_and_accounts_for_each(
     project = write_project(tmp_path / "project")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}
     result = subprocess.run([LOADLAB, "run", "--app", "shopapp.celery:app", "--tasks", "tasks.yml", "--duration",
-                             "4s", "--users", "4", "--out", str(run_dir)], cwd=project, env=env, capture_output=True,
+                             "4s", "--users", "4", "--prefetch-multiplier", "2", "--out", str(run_dir)], cwd=project, env=env, capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
@@ -254,6 +255,15 @@ def test_a_run_from_the_users_project_publishes_its_tasks_and_accounts_for_each(
     assert report["retries"]["tasks_retried"] > 0 and report["retries"]["exceptions"].get("Declined", 0) > 0
     assert report["latency_ms"]["execution"]["count"] > 0 and report["latency_ms"]["queue_wait"]["count"] > 0
     worker_log = (run_dir / "logs" / "worker1.log").read_text()
-    assert "payments" in worker_log  # the queue the mix routes charge to is consumed
+    assert "payments" in worker_log  # the queue the app routes charge to is consumed
+    # loadlab's flag over the app's own configuration, named; what it left alone shown; the app's URL replaced
+    app_config = report["app_config"]
+    assert json.loads((run_dir / "settings.json").read_text())["app_config"] == app_config
+    rows = {row["setting"]: row for row in app_config["settings"]}
+    assert rows["worker_prefetch_multiplier"] == {"setting": "worker_prefetch_multiplier", "app": 8, "loadlab": 2,
+                                                  "effective": 2, "by": "--prefetch-multiplier"}
+    assert rows["task_serializer"]["loadlab"] is None and rows["task_serializer"]["by"] == "Celery default"
+    assert any("--prefetch-multiplier" in line and "8" in line for line in app_config["contradicted"])
+    assert app_config["replaced"]["broker_url"]["app"] == "redis://127.0.0.1:1/0"
     assert "was imported by loadlab" not in "".join(p.read_text() for p in (run_dir / "logs").glob("*.log"))
     wait_until(lambda: not processes_mentioning(str(run_dir)), 15, what="every child to exit")

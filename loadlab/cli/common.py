@@ -95,11 +95,11 @@ run_queue_options = settings_options(["tasks", "allow_foreign_consumers"])  # wh
 
 def check_task_mix(settings: Settings) -> Settings:
     """The task mix (--tasks) checked against the app before anything starts (exit 2 with the sentence); the
-    settings with the queues it publishes to."""
-    from loadlab.loadtests.task_mix import load_task_mix, with_mix_queues
+    settings with the queues the app and the mix use."""
+    from loadlab.loadtests.task_mix import load_task_mix, with_run_queues
 
     try:
-        return with_mix_queues(settings, load_task_mix(settings))
+        return with_run_queues(settings, load_task_mix(settings))
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
 
