@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the exporter needs --broker (or LOADLAB_BROKER).", file=sys.stderr)
         return 2
     try:
-        queues = [settings.queue, *parse_queues(args.queues)]
+        queues = [*settings.worker_queues, *parse_queues(args.queues)]  # in a stack: what its workers consume
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

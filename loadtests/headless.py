@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from loadlab.config.celery_config import over_app
 from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics, tracing
 from loadlab.exporters.scrape import scrape_all
@@ -27,7 +28,11 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
     scenario = scenario or get_scenario(settings.scenario)
     if scenario.chaos and not settings.chaos:  # validated again: the chaos plan changes derived defaults
         settings = Settings(**{**settings.model_dump(exclude_unset=True), "chaos": scenario.chaos})
-    console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
+    if settings.tasks:  # the scenario gives users, rates and shape; the task mix what they publish
+        console.print(f"loadlab run [bold]{scenario.name}[/] publishing the task mix {settings.tasks} of "
+                      f"{settings.app or 'the reference app'}")
+    else:
+        console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:
         from loadlab.stack.prometheus import PrometheusMissing, binary
 
@@ -48,7 +53,10 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
 
 def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     settings = stack.settings
-    write_json(run_dir / "settings.json", settings.masked())
+    app_config = over_app(stack.app, settings) if settings.app else None
+    write_json(run_dir / "settings.json", {**settings.masked(), **({"app_config": app_config} if app_config else {})})
+    for sentence in (app_config or {}).get("contradicted", ()):
+        console.print(f"[yellow]note:[/] {sentence}")
     load = LocustRun(settings, scenario, run_dir / "locust")
     recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
                         on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
@@ -148,9 +156,12 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
                                   "queue_depth_sampling": queue_depth.summary(sampler, "the run's broker poll"),
                                   "serialization_measured": serialization,
                                   **({"chaos": chaos_section} if chaos_section else {}),
+                                  **({"app_config": app_config} if app_config else {}),
                                   **({"interrupted": interrupted} if interrupted else {})})
     _print_summary(report, run_dir, console)
-    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if report["verdict"]["status"] == "fail" else EXIT_OK  # a FAIL run fails the build
 
 
 def _interruption(exc: BaseException, during: str, load: LocustRun) -> dict:

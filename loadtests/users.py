@@ -14,6 +14,7 @@ from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
 from loadlab.loadtests.pacing import constant_throughput_random_phase, poisson_gap
 from loadlab.loadtests.scenarios import Scenario
+from loadlab.loadtests.task_mix import MixTask, TaskMix, load_task_mix
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
 _celery_apps: dict[int, object] = {}
@@ -40,7 +41,11 @@ def celery_client(settings: Settings):
 
 
 class _Mix:
-    def __init__(self, scenario: Scenario):
+    def __init__(self, scenario: Scenario, task_mix: TaskMix | None = None):
+        if task_mix is not None:  # the app's own tasks (--tasks): an entry is the args of its publish
+            self.choices = [(entry.name, entry) for entry in task_mix.tasks]
+            self.weights = [entry.weight for entry in task_mix.tasks]
+            return
         self.choices = [(c.task, TASK_ARGS[c.task].model_validate(c.kwargs)) for c in scenario.mix]
         self.weights = [c.weight for c in scenario.mix]
 
@@ -63,12 +68,15 @@ class CeleryUser(User):
         self.publish(name, args)
 
     def publish(self, name, args, headers: dict | None = None) -> None:
-        kwargs = args.call_kwargs()
         app = celery_client(self.settings)
         started = time.perf_counter()
         exception = None
         try:
-            app.send_task(full_name(name), kwargs=kwargs, headers=headers)
+            if isinstance(args, MixTask):  # a task-mix entry: the app's own task under its registered name
+                positional, kwargs = args.arguments()
+                app.send_task(name, args=positional, kwargs=kwargs, headers=headers, **args.options)
+            else:
+                app.send_task(full_name(name), kwargs=args.call_kwargs(), headers=headers)
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
             exception = exc
         self.environment.events.request.fire(
@@ -142,12 +150,15 @@ class ApiUser(FastHttpUser):
 
 def build_user_classes(settings: Settings, scenario: Scenario, prefix: str = "") -> list[type[User]]:
     """Concrete user classes for a scenario, carrying the settings (no second source of defaults)."""
-    mix = _Mix(scenario)
+    task_mix = load_task_mix(settings)
+    mix = _Mix(scenario, task_mix)
     rate = scenario.rate_per_user
     duration_s = settings.duration or scenario.duration_s
     classes: list[type[User]] = []
     celery_weight = round((1 - scenario.api_share) * 100)
     api_weight = 100 - celery_weight
+    if task_mix is not None:  # the producer API publishes the reference tasks only
+        celery_weight, api_weight = 100, 0
     if celery_weight:
         attrs = {"abstract": False, "settings": settings, "mix": mix, "weight": celery_weight,
                  "__module__": __name__}

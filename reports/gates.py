@@ -155,33 +155,40 @@ class Rule:
 def load_rules(path: str | os.PathLike[str]) -> list[Rule]:
     """Read and validate a gate rules file; raise GateConfigError on any problem."""
     source = Path(path)
+    return _parse_rules(read_yaml(source, f"gate rules file '{source}'", GateConfigError), str(source))
+
+
+def read_yaml(source: Path, subject: str, error: type[Exception], hint: str = "", loader=None) -> Any:
+    """A YAML file loaded without duplicate keys; any problem raises ``error`` with one sentence starting with
+    ``subject`` and ending with ``hint`` (what is accepted)."""
+    def fail(problem: str):
+        return error(f"{subject} {problem}{'; ' + hint if hint else ''}.")
+
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GateConfigError(f"gate rules file '{source}' does not exist.") from None
+        raise fail("does not exist") from None
     except IsADirectoryError:
-        raise GateConfigError(f"gate rules file '{source}' is a directory, not a YAML file.") from None
+        raise fail("is a directory, not a YAML file") from None
     except UnicodeDecodeError:
-        raise GateConfigError(f"gate rules file '{source}' is not UTF-8 text.") from None
+        raise fail("is not UTF-8 text") from None
     except OSError as exc:
-        raise GateConfigError(f"cannot read gate rules file '{source}': {exc.strerror or exc}.") from None
+        raise fail(f"cannot be read ({exc.strerror or exc})") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=loader or StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = exc.problem or exc.context or "syntax error"
-        raise GateConfigError(f"gate rules file '{source}' is not valid YAML{where}: {problem}.") from None
+        raise fail(f"is not valid YAML{where}: {exc.problem or exc.context or 'syntax error'}") from None
     except yaml.YAMLError as exc:
-        raise GateConfigError(f"gate rules file '{source}' is not valid YAML: {exc}.") from None
-    return _parse_rules(data, str(source))
+        raise fail(f"is not valid YAML: {exc}") from None
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys: two ``max:`` lines in one rule would otherwise keep only the last."""
 
 
-def _construct_strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def construct_strict_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may legitimately be overridden
@@ -199,7 +206,7 @@ def _construct_strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, dee
     return loader.construct_mapping(node, deep=deep)
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping)
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_strict_mapping)
 
 
 def _parse_rules(data: Any, source: str) -> list[Rule]:

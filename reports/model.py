@@ -464,6 +464,27 @@ class UiSwarm(Section):
     submitted_without_sent_record: int = count()
 
 
+class AppSetting(Section):
+    setting: str = Field(description="The Celery setting (its own name)")
+    app: Any = Field(None, description="The app's own value (or Celery's default)")
+    loadlab: Any = Field(None, description="The value loadlab set; null: left alone")
+    effective: Any = Field(None, description="The value the run's processes used")
+    by: str = Field(description="Who decided it: the loadlab flag, 'app' or 'Celery default'")
+
+
+class ReplacedUrl(Section):
+    app: str | None = Field(None, description="The app's own URL (password masked)")
+    run: str | None = Field(None, description="The URL the run used instead")
+
+
+class AppConfig(Section):
+    """The user's app (--app) under loadlab: what loadlab set over its configuration and what it left alone."""
+    app: str | None = Field(None, description="--app module:attr")
+    settings: list[AppSetting]
+    replaced: dict[str, ReplacedUrl] = Field(description="Celery URL setting -> the app's URL and the run's")
+    contradicted: list[str] = Field(description="Each loadlab flag that overrode a value the app set itself")
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 class Report(Section):
     """loadlab run report."""
@@ -500,6 +521,7 @@ class Report(Section):
     scaling: Scaling | None = None
     chaos: Chaos | None = None
     interrupted: Interrupted | None = None
+    app_config: AppConfig | None = None
     ui: UiSwarm | None = None
     gates: list[GateEntry] | None = None
 

@@ -18,6 +18,7 @@ from typing import Callable
 from hdrh.histogram import HdrHistogram
 
 from loadlab.exporters import ledger
+from loadlab.stack.tasks import short_name
 
 PHASES = ("publish", "queue_wait", "execution", "result_store", "end_to_end")
 REPORT_PHASES = ("publish", "queue_wait", "execution", "end_to_end")
@@ -196,7 +197,7 @@ class Recorder:
         self.on_completion = on_completion
         self.histograms = {phase: new_histogram() for phase in PHASES}
         self.per_task: dict[str, HdrHistogram] = {}
-        self.per_task_states: dict[str, dict[str, int]] = {}    # short task name -> final state -> tasks
+        self.per_task_states: dict[str, dict[str, int]] = {}    # task name (short_name) -> final state -> tasks
         self.per_worker_states: dict[str, dict[str, int]] = {}  # worker hostname -> attempt state -> attempts
         self.backoff = new_histogram()
         self.backoff_by_retry: dict[int, HdrHistogram] = {}  # retry number (1 = first retry) -> observed delay
@@ -371,7 +372,7 @@ class Recorder:
             self.recent_terminal.popitem(last=False)
         key = {"SUCCESS": "succeeded", "FAILURE": "failed", "REVOKED": "revoked", "REJECTED": "rejected"}[state]
         self.counts[key] += 1
-        states = self.per_task_states.setdefault(name.rsplit(".", 1)[-1] if name else "?", {})
+        states = self.per_task_states.setdefault(short_name(name) if name else "?", {})
         states[state] = states.get(state, 0) + 1
         bucket = self._series(finished_at)
         bucket.left_offsets_s += self.series.offset(finished_at)
@@ -397,7 +398,7 @@ class Recorder:
             end_to_end = max(0.0, end_to_end)
             record_seconds(self.histograms["end_to_end"], end_to_end)
             record_seconds(bucket.end_to_end, end_to_end)
-            short = name.rsplit(".", 1)[-1] if name else "?"
+            short = short_name(name) if name else "?"  # the app's own tasks keep their registered names
             hist = self.per_task.get(short)
             if hist is None:
                 hist = self.per_task[short] = new_histogram()
@@ -433,7 +434,7 @@ class Recorder:
                                           "first_sent_at": sent_at, "finished_at": finished_at, "chain": chain})
         if self.on_completion is not None:
             try:
-                self.on_completion(name.rsplit(".", 1)[-1] if name else "?", state, end_to_end)
+                self.on_completion(short_name(name) if name else "?", state, end_to_end)
             except Exception:  # noqa: BLE001 - a listener must not stop the ledger
                 pass
 

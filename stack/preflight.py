@@ -92,3 +92,60 @@ def preflight(settings: Settings) -> None:
         check("--broker", settings.broker)
     if settings.backend and settings.backend != settings.broker:
         check("--backend", settings.backend)
+
+
+INSPECT_TIMEOUT_S = 1.0
+
+
+def foreign_consumers(settings: Settings) -> None:
+    """Before the stack's workers start: a consumer already on one of the queues the run will use would take its
+    tasks (a foreign worker logs them as unregistered, the run counts them lost). RabbitMQ: the consumer count of a
+    passive declare (any consumer, Celery or not); Redis has no consumer count, so the workers that answer a
+    broadcast and the queues they consume. Raises PreflightError naming the queue (exit 2)."""
+    if not settings.broker:
+        return  # the embedded broker is the run's own
+    queues = settings.worker_queues
+    scheme = urlsplit(settings.broker).scheme
+    where = f"--broker {mask_url(settings.broker)}"
+    advice = ("its tasks would go to that consumer instead of the run's workers (and count as lost): stop it, give "
+              "other queues (--queue, --queues), or add --allow-foreign-consumers.")
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        for queue, count in _amqp_consumer_counts(settings.broker, queues).items():
+            if count:
+                raise PreflightError(f"queue {queue!r} on {where} already has {count} consumer(s) that are not this "
+                                     f"run's; {advice}")
+    elif scheme in ("redis", "rediss"):
+        for worker, consumed in _redis_workers_queues(settings.broker).items():
+            taken = [q for q in queues if q in consumed]
+            if taken:
+                raise PreflightError(f"queue {taken[0]!r} on {where} is already consumed by the worker {worker}, "
+                                     f"which is not this run's; {advice}")
+
+
+def _amqp_consumer_counts(url: str, queues: list[str]) -> dict[str, int]:
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    counts = {}
+    with Connection(url, connect_timeout=TIMEOUT_S) as connection:
+        channel = connection.channel()
+        for queue in queues:
+            try:
+                counts[queue] = channel.queue_declare(queue=queue, passive=True).consumer_count
+            except NotFound:  # no such queue yet: nobody consumes it; the error closed the channel
+                counts[queue] = 0
+                channel = connection.channel()
+    return counts
+
+
+def _redis_workers_queues(url: str) -> dict[str, set[str]]:
+    from celery import Celery
+
+    app = Celery("loadlab-preflight", broker=url, set_as_current=False)
+    app.conf.update(accept_content=["json"], broker_connection_timeout=TIMEOUT_S, broker_connection_retry=False,
+                    broker_connection_retry_on_startup=False)
+    try:
+        replies = app.control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+    finally:
+        app.close()
+    return {worker: {q.get("name") for q in queues or ()} for worker, queues in replies.items()}

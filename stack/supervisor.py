@@ -139,9 +139,10 @@ class Stack:
     def _worker_child(self, index: int) -> Child:
         s = self.settings
         command = [sys.executable, "-m", "celery", "-A", "loadlab.stack.worker_app:app", "worker",
-                   "--hostname", self.worker_name(index), "--queues", s.queue, "--pool", s.pool, "--concurrency", str(s.concurrency),
-                   "--prefetch-multiplier", str(s.prefetch_multiplier), "--loglevel", "INFO",
-                   "--without-mingle", "--without-gossip"]
+                   "--hostname", self.worker_name(index), "--queues", ",".join(s.worker_queues), "--pool", s.pool, "--concurrency", str(s.concurrency),
+                   "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        if not s.app or "prefetch_multiplier" in s.explicit:  # else the user's app keeps its own
+            command += ["--prefetch-multiplier", str(s.prefetch_multiplier)]
         if s.max_tasks_per_child:
             command += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
         if s.flower:

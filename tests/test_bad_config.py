@@ -19,7 +19,7 @@ from loadlab.config.settings import Settings
 from tests.conftest import LOADLAB, REPO, processes_mentioning
 
 # Fields the CLI sets itself (wiring between processes); SCENARIO has cases of its own below.
-NOT_USER_SETTINGS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario"}
+NOT_USER_SETTINGS = {"run_id", "ledger_url", "api_url", "run_dir", "explicit", "scenario"}
 
 # An invalid value per field whose type alone does not give one (str fields with a validator or a pattern).
 # A new str field that accepts anything fails test_every_setting_is_validated until it is validated or listed here.
@@ -28,6 +28,8 @@ INVALID_TEXT = {
     "backend": "mongodb://127.0.0.1/results",
     "app": "no colon here",
     "queue": "has spaces!",
+    "queues": "celery,has spaces!",
+    "tasks": "/no/such/tasks.yml",
     "metrics_host": "not a host!",
     "api_host": "http://0.0.0.0:80",
     "chaos": "explode",
@@ -96,7 +98,8 @@ def _invalid_values(name: str, info) -> list[str]:
 
 # settings that are a flag of one command only (the others take them from the environment)
 COMMAND_OF = {"standalone_api_port": "api", "exporter_port": "exporter", "exporter_interval_s": "exporter",
-              "web_port": "ui"}
+              "web_port": "ui", "tasks": "run",
+              "allow_foreign_consumers": "run"}
 
 
 def _setting_cases(out: Path):

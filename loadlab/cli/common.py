@@ -16,10 +16,11 @@ from loadlab.config.settings import Settings, SettingsError
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "scenario", "duration", "users", "spawn_rate",
+INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "explicit", "scenario", "duration", "users", "spawn_rate",
                    "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "progress_interval_s", "interrupted_drain_s", "prometheus",
                    # options of one command each, not of every stack command
-                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port"}
+                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port", "tasks",
+                   "allow_foreign_consumers"}
 RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s",
               "progress_interval_s", "interrupted_drain_s")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -89,6 +90,20 @@ def build_settings(**given) -> Settings:
         raise UsageError(str(exc)) from None
 
 
+run_queue_options = settings_options(["tasks", "allow_foreign_consumers"])  # what a load run publishes, to where
+
+
+def check_task_mix(settings: Settings) -> Settings:
+    """The task mix (--tasks) checked against the app before anything starts (exit 2 with the sentence); the
+    settings with the queues the app and the mix use."""
+    from loadlab.loadtests.task_mix import load_task_mix, with_run_queues
+
+    try:
+        return with_run_queues(settings, load_task_mix(settings))
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def preflight(settings: Settings) -> None:
     """A given broker and result backend answer, or the command stops here with the sentence (exit 2)."""
     from loadlab.stack.preflight import PreflightError
@@ -96,6 +111,18 @@ def preflight(settings: Settings) -> None:
 
     try:
         check(settings)
+    except PreflightError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_queues_free(settings: Settings) -> None:
+    """No consumer but the run's own on its queues (unless --allow-foreign-consumers), or exit 2 naming the queue."""
+    from loadlab.stack.preflight import PreflightError, foreign_consumers
+
+    if settings.allow_foreign_consumers:
+        return
+    try:
+        foreign_consumers(settings)
     except PreflightError as exc:
         raise UsageError(str(exc)) from None
 

@@ -18,7 +18,7 @@ def main():
 
 for command in (stack_commands.up, run_commands.run, run_commands.ui, gate_commands.gate, gate_commands.report,
                 run_commands.sweep, run_commands.serialization, stack_commands.api, stack_commands.exporter,
-                bench_commands.bench, dashboard_commands.dashboards, run_commands.scenarios):
+                bench_commands.bench, dashboard_commands.dashboards, run_commands.scenarios, run_commands.tasks):
     main.add_command(command)
 
 

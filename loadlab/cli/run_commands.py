@@ -8,10 +8,13 @@ import click
 from rich.table import Table
 
 from loadlab.cli.common import (
+    EXIT_FAILED,
     EXIT_OK,
     STACK_FIELDS,
     UsageError,
     build_settings,
+    check_queues_free,
+    check_task_mix,
     console,
     install_stop_signals,
     int_list,
@@ -21,6 +24,7 @@ from loadlab.cli.common import (
     run_options,
     settings_options,
     stack_options,
+    run_queue_options,
 )
 from loadlab.cli.gate_commands import gate_run, load_gate_rules
 from loadlab.reports.report import REPORT_FILE
@@ -31,6 +35,7 @@ from loadlab.reports.report import REPORT_FILE
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
+@run_queue_options
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
@@ -46,19 +51,20 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
+    settings = check_task_mix(settings)
     rules = None
     if gates_file:
         rules = load_gate_rules(gates_file, baseline)
     elif baseline:
         raise UsageError(f"--baseline {baseline!r} is only used with --gates; add --gates FILE or leave --baseline out.")
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, settings.scenario)
     install_stop_signals()
-    code = execute_run(settings, run_dir, console=console)
-    if code != EXIT_OK:
-        sys.exit(code)
-    if rules is not None:
-        sys.exit(gate_run(run_dir, gates_file, baseline))
+    code = execute_run(settings, run_dir, console=console)  # 1: the verdict is FAIL (or the stack did not start)
+    if rules is not None and code in (EXIT_OK, EXIT_FAILED) and (run_dir / REPORT_FILE).is_file():
+        code = max(code, gate_run(run_dir, gates_file, baseline))
+    sys.exit(code)
 
 
 # --- ui -----------------------------------------------------------------------------------------------------------
@@ -66,6 +72,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @click.argument("scenario", required=False, default=None)
 @stack_options
 @run_options
+@run_queue_options
 @settings_options(["web_port"])
 @click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
                                           "(default reports/runs/<UTC-timestamp>-ui/)")
@@ -79,9 +86,11 @@ def ui(scenario, out, **options):
 
     settings = build_settings(scenario=scenario, **options)
     get_scenario(settings.scenario)
+    settings = check_task_mix(settings)
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, "ui")
     install_stop_signals()
     code = serve(settings, run_dir, settings.web_port, console=console)
@@ -96,6 +105,7 @@ SWEPT = {"workers", "concurrency", "prefetch_multiplier", "pool"}
 @click.argument("scenario", required=False, default="saturate")
 @settings_options([n for n in STACK_FIELDS if n not in SWEPT])
 @run_options
+@run_queue_options
 @click.option("--workers", "workers_list", default="1,2,3,4", show_default=True, help="Worker counts to sweep")
 @click.option("--concurrency", "concurrency_list", default="1", show_default=True, help="Pool sizes to sweep")
 @click.option("--prefetch", "prefetch_list", default="4", show_default=True, help="Prefetch multipliers to sweep")
@@ -116,10 +126,11 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     for pool in pools:
         build_settings(pool=pool)
     scenario_def = get_scenario(scenario)
-    settings = build_settings(scenario=scenario, **options)
+    settings = check_task_mix(build_settings(scenario=scenario, **options))
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
     preflight(settings)
+    check_queues_free(settings)
     run_dir = run_dir_for(out, "sweep")
     install_stop_signals()
     scaling = run_sweep(settings, run_dir, console, workers=workers, concurrency=concurrency, prefetch=prefetch,
@@ -229,3 +240,39 @@ def scenarios():
                 else f"{s.users} users × {s.rate_per_user:g}/s")
         table.add_row(s.name, load, f"{s.duration_s:g}s", s.summary)
     console.print(table)
+
+
+@click.command()
+@settings_options(["app"])
+@click.option("--write", "write_path", default="tasks.yml", show_default=True,
+              help="Task-mix file to write with every task once ('' = list only)")
+@click.option("--force", is_flag=True, help="Overwrite the --write file if it exists")
+def tasks(write_path, force, **options):
+    """List the tasks the app registers (your --app, else the reference tasks) with their signatures, and write a
+    first task-mix file for `loadlab run --tasks`."""
+    from pathlib import Path
+
+    from loadlab.loadtests.task_mix import signature_of, starting_file
+    from loadlab.stack.app import registered_tasks
+
+    settings = build_settings(**options)
+    registry = registered_tasks(settings)
+    path = Path(write_path) if write_path else None
+    if path is not None and path.exists() and not force:
+        raise UsageError(f"--write {write_path!r} exists; give another file, add --force to overwrite it, or "
+                         "--write '' to only list the tasks.")
+    table = Table(show_header=True, header_style="bold", box=None)
+    table.add_column("task")
+    table.add_column("signature")
+    table.add_column("queue")
+    for name, task in registry.items():
+        signature = signature_of(task)
+        table.add_row(name, str(signature) if signature else "?", getattr(task, "queue", None) or "")
+    console.print(table)
+    if path is not None:
+        try:
+            path.write_text(starting_file(registry))
+        except OSError as exc:
+            raise UsageError(f"--write {write_path!r} cannot be written ({exc.strerror}); give a writable path.") from None
+        console.print(f"wrote {path} ({len(registry)} tasks): edit it, then loadlab run --tasks {path}"
+                      + (f" --app {settings.app}" if settings.app else ""))

@@ -15,6 +15,7 @@ from loadlab.cli.common import (
     install_stop_signals,
     preflight,
     run_dir_for,
+    STACK_FIELDS,
     settings_options,
     stack_options,
 )
@@ -81,7 +82,7 @@ def api(**options):
 
 
 @click.command()
-@stack_options
+@settings_options([n for n in STACK_FIELDS if n != "queues"])  # its --queues: what to watch, not to consume
 @click.option("--queues", default=None, help="More queues to watch besides --queue, comma-separated")
 @settings_options(["exporter_port", "exporter_interval_s"])
 @click.option("--worker-timeout", default=None, type=click.FloatRange(min=0.1),

@@ -2,7 +2,7 @@
 process that talks to the broker without running tasks (the exporter service)."""
 from __future__ import annotations
 
-from loadlab.config.settings import Settings
+from loadlab.config.settings import Settings, mask_url
 
 
 def celery_config(settings: Settings) -> dict:
@@ -57,3 +57,78 @@ def use_stack_urls(app, settings: Settings) -> None:
         app.conf.broker_url = settings.broker
     if settings.backend:
         app.conf.result_backend = settings.backend
+
+
+# A loadlab setting given explicitly -> the Celery settings it sets over a user's app (``--app``); a setting left at
+# loadlab's default leaves the app's own value alone. ``broker_transport_options.visibility_timeout``: one key of it.
+OVER_APP = {
+    "serializer": ("task_serializer", "result_serializer", "accept_content", "result_accept_content"),
+    "compression": ("task_compression", "result_compression"),
+    "prefetch_multiplier": ("worker_prefetch_multiplier",),
+    "acks_late": ("task_acks_late", "task_reject_on_worker_lost"),
+    "max_tasks_per_child": ("worker_max_tasks_per_child",),
+    "queue": ("task_default_queue",),
+    "visibility_timeout_s": ("broker_transport_options.visibility_timeout",),
+}
+_originals: dict[int, dict] = {}  # id(app) -> the app's own values, as it came (before loadlab set anything)
+
+
+def _read(conf, key: str):
+    if "." in key:
+        outer, inner = key.split(".", 1)
+        return (conf.get(outer) or {}).get(inner)
+    return conf.get(key)
+
+
+def _own_values(app) -> dict:
+    from celery.app.defaults import DEFAULTS
+
+    values = _originals.get(id(app))
+    if values is None:
+        values = _originals[id(app)] = {
+            "broker_url": app.conf.broker_url, "result_backend": app.conf.result_backend,
+            **{key: _read(app.conf, key) for keys in OVER_APP.values() for key in keys}}
+        values["defaults"] = {key: DEFAULTS.get(key) for keys in OVER_APP.values() for key in keys}
+    return values
+
+
+def over_app(app, settings: Settings) -> dict:
+    """What loadlab does to a user's app: each Celery setting loadlab can set with the app's own value, loadlab's
+    (None: left alone) and the one in effect; the URLs it replaced; the flags the app's configuration contradicts."""
+    own = _own_values(app)
+    ours = celery_config(settings)
+    rows, contradicted = [], []
+    for field, keys in OVER_APP.items():
+        given = field in settings.explicit
+        for key in keys:
+            app_value = own[key]
+            loadlab_value = _read(ours, key) if given else None
+            app_set = app_value != own["defaults"].get(key)
+            rows.append({"setting": key, "app": app_value, "loadlab": loadlab_value,
+                         "effective": loadlab_value if given else app_value,
+                         "by": f"--{field.replace('_', '-')}" if given else ("app" if app_set else "Celery default")})
+            if given and app_set and app_value != loadlab_value:
+                contradicted.append(f"--{field.replace('_', '-')} sets {key} to {loadlab_value!r} over the app's "
+                                    f"{app_value!r}")
+    replaced = {}
+    for key, run_value in (("broker_url", settings.broker), ("result_backend", settings.backend)):
+        if run_value and own[key] != run_value:
+            replaced[key] = {"app": mask_url(own[key]), "run": mask_url(run_value)}
+    return {"app": settings.app, "settings": rows, "replaced": replaced, "contradicted": contradicted}
+
+
+def apply_over_app(app, settings: Settings) -> dict:
+    """The stack's URLs and every explicitly given loadlab setting over a user's app; returns ``over_app``."""
+    description = over_app(app, settings)  # first: it keeps the app's own values
+    use_stack_urls(app, settings)
+    ours = celery_config(settings)
+    for field, keys in OVER_APP.items():
+        if field not in settings.explicit:
+            continue
+        for key in keys:
+            if "." in key:
+                outer, inner = key.split(".", 1)
+                app.conf[outer] = {**(app.conf.get(outer) or {}), inner: _read(ours, key)}
+            else:
+                app.conf[key] = ours[key]
+    return description

@@ -33,6 +33,7 @@ BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 BACKEND_SCHEMES = ("redis", "rediss", "db+sqlite", "db+postgresql", "db+postgresql+psycopg2", "db+mysql", "rpc")
 
 CHAOS_VISIBILITY_TIMEOUT_S = 10
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
@@ -167,6 +168,12 @@ class Settings(BaseSettings):
     compression: Compression = Field("none", description="Message compression")
     app: str | None = Field(None, description="Your own Celery app as module:attr (workers run it)")
     queue: str = Field("celery", pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Queue the tasks go to and the workers consume")
+    queues: str | None = Field(None, description="Queues the workers consume, comma-separated; unset = --queue plus "
+                               "every queue the task mix and the app's task_queues and task_routes name")
+    allow_foreign_consumers: bool = Field(False, description="Run even when a consumer that is not the run's "
+                                          "(another worker, another app) already consumes one of its queues")
+    tasks: str | None = Field(None, description="Task-mix YAML file of your app's tasks (`loadlab tasks` writes "
+                              "one); replaces the scenario's mix")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     trace_sample_ratio: float = Field(0.1, gt=0, le=1, description="Share of traces kept with --tracing sampled (parent-based)")
     otel_fast_paths: bool = Field(True, description="Tracing's fast paths beside the OpenTelemetry public API (each behind a probe of the installed version; off: the public API only)")
@@ -211,6 +218,8 @@ class Settings(BaseSettings):
     ledger_url: str | None = Field(None, description="Redis URL of the run's task ledger channel")
     api_url: str | None = Field(None, description="Base URL of the running producer API")
     run_dir: str | None = Field(None, description="Run directory")
+    explicit: list[str] = Field(default_factory=list, description="The settings given as flags or LOADLAB_* "
+                                "variables (the ones loadlab applies over an --app's own configuration)")
 
     @field_validator("broker")
     @classmethod
@@ -254,6 +263,26 @@ class Settings(BaseSettings):
             raise ValueError(f"--app {value!r} is not module:attr; use e.g. myproject.celery:app.")
         return value or None
 
+    @field_validator("queues")
+    @classmethod
+    def _queue_list(cls, value):
+        if value is None or value == "":
+            return None
+        names = [q.strip() for q in value.split(",") if q.strip()]
+        for name in names or [value]:
+            if not _QUEUE_RE.match(name):
+                raise ValueError(f"--queues {value!r} is not accepted; use queue names of 1 to 200 letters, digits, "
+                                 "'_', '.', ':' or '-', separated by commas (e.g. celery,emails).")
+        return ",".join(dict.fromkeys(names))
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_mix_file(cls, value):
+        if value and not os.path.isfile(value):
+            raise ValueError(f"--tasks {value!r} is not a file; use a task-mix YAML file (`loadlab tasks --app "
+                             "module:attr` writes a first one).")
+        return value or None
+
     @model_validator(mode="after")
     def _chaos_redelivers_within_the_drain(self):
         # Celery's 1 h default would turn every task a killed worker held into a loss before the drain ends
@@ -275,9 +304,10 @@ class Settings(BaseSettings):
         given = {k: v for k, v in overrides.items() if v is not None}
         check_variable_names(os.environ)
         try:
-            return cls(**given)
+            settings = cls(**given)
         except ValidationError as exc:
             raise SettingsError(explain(exc, flags=given)) from None
+        return settings.model_copy(update={"explicit": sorted(settings.model_fields_set - {"explicit"})})
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -330,6 +360,11 @@ class Settings(BaseSettings):
         """Where a client on this machine reaches the API bound to ``api_host`` (a wildcard answers on loopback)."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.api_host, self.api_host)
         return f"[{host}]" if ":" in host else host
+
+    @property
+    def worker_queues(self) -> list[str]:
+        """The queues the workers consume: --queues, else --queue."""
+        return self.queues.split(",") if self.queues else [self.queue]
 
     @property
     def accept_content(self) -> list[str]:
