@@ -12,12 +12,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadlab.config.settings import Settings
 from loadlab.exporters.exporter_service import EventState
 from loadlab.exporters.scrape import scrape_all
 from loadlab.reports.recorder import Recorder
 from loadlab.stack import embedded
 from loadlab.stack.processes import Child
-from loadlab.config.settings import Settings
 from loadlab.stack.supervisor import Stack
 from tests.conftest import LOADLAB, RABBITMQ, need_service, run_cli, unique, wait_until
 

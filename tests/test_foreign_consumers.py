@@ -12,7 +12,6 @@ from kombu import Connection, Queue
 
 from loadlab.config.settings import Settings
 from loadlab.stack.preflight import PreflightError, foreign_consumers
-
 from tests.conftest import (
     MACHINE_REDIS,
     RABBITMQ,

@@ -6,7 +6,6 @@ that would only run on some path counts as much as one at the top of a module.""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess

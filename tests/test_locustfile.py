@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from loadlab.stack.embedded import free_port
 from loadlab.config.settings import Settings
+from loadlab.stack.embedded import free_port
 from loadlab.stack.supervisor import Stack
 from tests.conftest import unique, wait_until
 

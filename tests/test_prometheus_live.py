@@ -29,9 +29,9 @@ import math
 
 import pytest
 
-from loadlab.stack.prometheus import SCRAPE_SERIES, Prometheus, PrometheusError, open_run
 from loadlab.dashboards.promql import metric_names, probes
 from loadlab.dashboards.queries import RULES_UID, Query, all_queries
+from loadlab.stack.prometheus import SCRAPE_SERIES, Prometheus, PrometheusError, open_run
 from tests.prometheus_runs import recorded_run
 
 # Series Prometheus' rule evaluation writes (alert states): not exported by anything.

@@ -5,8 +5,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from loadlab.stack import embedded
 from loadlab.config.settings import Settings
+from loadlab.stack import embedded
 from loadlab.stack.supervisor import Stack
 from tests.conftest import run_cli, unique, wait_until
 

@@ -1,8 +1,8 @@
 """Each reference task through real worker processes on every supported broker/backend pair."""
 import pytest
 
-from loadlab.stack.payloads import make_body
 from loadlab.config.settings import Settings
+from loadlab.stack.payloads import make_body
 from loadlab.stack.supervisor import Stack
 from tests.conftest import MACHINE_REDIS, RABBITMQ, TEST_QUEUE_PREFIX, delete_queue, need_service, unique
 

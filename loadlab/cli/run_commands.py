@@ -22,9 +22,9 @@ from loadlab.cli.common import (
     preflight,
     run_dir_for,
     run_options,
+    run_queue_options,
     settings_options,
     stack_options,
-    run_queue_options,
 )
 from loadlab.cli.gate_commands import gate_run, load_gate_rules
 from loadlab.reports.report import REPORT_FILE

@@ -8,6 +8,7 @@ import click
 
 from loadlab.cli.common import (
     EXIT_FAILED,
+    STACK_FIELDS,
     UsageError,
     build_settings,
     console,
@@ -15,7 +16,6 @@ from loadlab.cli.common import (
     install_stop_signals,
     preflight,
     run_dir_for,
-    STACK_FIELDS,
     settings_options,
     stack_options,
 )
