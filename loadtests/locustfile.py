@@ -4,7 +4,7 @@
 
 Settings come from ``LOADLAB_*`` variables (``LOADLAB_SCENARIO`` picks the scenario). When ``LOADLAB_LEDGER_URL``
 is set, the master (or the single local process) follows the run's ledger and fires ``end_to_end`` requests; with
-``LOADLAB_RUN_DIR`` too, it drains and writes the run's report there when the load stops (as docker-compose.yml's
+``LOADLAB_RUN_DIR`` too, it drains and writes the run's report there when Locust quits (as docker-compose.yml's
 Locust services do under tests/engine/compose.engine.yml).
 """
 import time
@@ -62,9 +62,18 @@ def _follow_ledger(environment, **_):
         loadgen_metrics.serve(settings, _recorder)
 
 
-@events.test_stop.add_listener
+@events.quitting.add_listener
+def _stop_following(environment, **_):
+    if _monitor is not None:
+        _monitor.stop()
+    if _recorder is not None:
+        _recorder.close()
+
+
+@events.quitting.add_listener  # after _stop_following in the file: quitting listeners fire in reverse, so before it
 def _write_report(environment, **_):
-    """The load stopped: drain, then report.json (and its pages) in LOADLAB_RUN_DIR, as ``loadlab run`` writes it."""
+    """Locust quits (a headless run's end): drain, then report.json (and its pages) in LOADLAB_RUN_DIR, as ``loadlab
+    run`` writes it. Not at test_stop: a master's Locust workers go on sending until they are told to quit."""
     if _recorder is None or not settings.run_dir or _recorder.closed:
         return
     from loadlab.loadtests.runner import locust_section
@@ -77,11 +86,3 @@ def _write_report(environment, **_):
                          Path(settings.run_dir), scenario.name)
     session.drain()
     session.write(started_at=_started_at, locust=locust_section(environment), extra={})
-
-
-@events.quitting.add_listener
-def _stop_following(environment, **_):
-    if _monitor is not None:
-        _monitor.stop()
-    if _recorder is not None:
-        _recorder.close()

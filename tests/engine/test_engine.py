@@ -258,8 +258,12 @@ def test_headless_locust_in_the_compose_services_reports_no_lost_task(stack):
                == "exited", LOCUST_RUN_S + 180, 2, "the headless Locust master to finish")
     LOAD["window"] = (started, time.time())
     report_path = compose.run_dir / "compose-run" / "report.json"
-    assert report_path.is_file(), "no report.json from the Locust master:\n" + "\n".join(
-        line for line in compose.logs("locust-master", tail=1000).splitlines() if "|" not in line[20:])
+    if not report_path.is_file():
+        master_log = compose.run_dir / "locust-master.log"
+        master_log.write_text(compose("logs", "--no-color", "locust-master", check=False).stdout)
+        text = master_log.read_text()
+        raise AssertionError(f"no report.json from the Locust master (its log: {master_log}); its errors:\n"
+                             + text[text.find("Uncaught exception"):][:6000])
     report = json.loads(report_path.read_text())
     tasks = report["tasks"]
     log(f"report ledger: {json.dumps(tasks)}; completed/s {report['throughput']['completed_per_s']}; "
