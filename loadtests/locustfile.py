@@ -3,8 +3,13 @@
     LOADLAB_BROKER=redis://127.0.0.1:PORT/0 LOADLAB_API_URL=http://127.0.0.1:PORT locust -f loadtests/locustfile.py
 
 Settings come from ``LOADLAB_*`` variables (``LOADLAB_SCENARIO`` picks the scenario). When ``LOADLAB_LEDGER_URL``
-is set, the master (or the single local process) follows the run's ledger and fires ``end_to_end`` requests.
+is set, the master (or the single local process) follows the run's ledger and fires ``end_to_end`` requests; with
+``LOADLAB_RUN_DIR`` too, it drains and writes the run's report there when Locust quits (as docker-compose.yml's
+Locust services do under tests/engine/compose.engine.yml).
 """
+import time
+from pathlib import Path
+
 from locust import events
 from locust.runners import WorkerRunner
 
@@ -21,6 +26,7 @@ for _user_class in build_user_classes(settings, scenario):
 del _user_class  # else Locust finds the last class twice
 _recorder = None
 _monitor = None
+_started_at = None
 
 
 @events.init.add_listener
@@ -45,7 +51,8 @@ def _celery_tab(environment, web_ui=None, **_):
 
 @events.test_start.add_listener
 def _follow_ledger(environment, **_):
-    global _recorder
+    global _recorder, _started_at
+    _started_at = time.time()
     if settings.ledger_url and not isinstance(environment.runner, WorkerRunner) and _recorder is None:
         from loadlab.reports.recorder import Recorder
 
@@ -61,3 +68,21 @@ def _stop_following(environment, **_):
         _monitor.stop()
     if _recorder is not None:
         _recorder.close()
+
+
+@events.quitting.add_listener  # after _stop_following in the file: quitting listeners fire in reverse, so before it
+def _write_report(environment, **_):
+    """Locust quits (a headless run's end): drain, then report.json (and its pages) in LOADLAB_RUN_DIR, as ``loadlab
+    run`` writes it. Not at test_stop: a master's Locust workers go on sending until they are told to quit."""
+    if _recorder is None or not settings.run_dir or _recorder.closed:
+        return
+    from loadlab.loadtests.runner import locust_section
+    from loadlab.reports.session import RunSession
+    from loadlab.stack.app import make_app
+
+    _recorder.mark_load_stopped(time.time())
+    # the result backend answers for tasks the ledger did not see finish; this app publishes no ledger records
+    session = RunSession(settings, _recorder, make_app(settings.model_copy(update={"ledger_url": None})),
+                         Path(settings.run_dir), scenario.name)
+    session.drain()
+    session.write(started_at=_started_at, locust=locust_section(environment), extra={})
