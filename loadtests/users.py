@@ -12,6 +12,7 @@ from locust import FastHttpUser, User, constant_throughput, task
 
 from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
+from loadlab.loadtests.publisher import HeldProducerPublisher
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
 
@@ -52,9 +53,15 @@ class CeleryUser(User):
     settings: Settings
     mix: _Mix
 
+    _publisher: HeldProducerPublisher | None = None
+
     @task
     def submit(self):
         self.submit_next()
+
+    def on_stop(self):
+        if self._publisher is not None:
+            self._publisher.release()
 
     def submit_next(self) -> None:
         """One submission; subclasses change what and when (the Locust task itself stays the same one)."""
@@ -63,11 +70,13 @@ class CeleryUser(User):
 
     def publish(self, name, args, headers: dict | None = None) -> None:
         kwargs = args.call_kwargs()
-        app = celery_client(self.settings)
+        publisher = self._publisher
+        if publisher is None:
+            publisher = self._publisher = HeldProducerPublisher(celery_client(self.settings))
         started = time.perf_counter()
         exception = None
         try:
-            app.send_task(full_name(name), kwargs=kwargs, headers=headers)
+            publisher.send(full_name(name), kwargs, headers)
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
             exception = exc
         self.environment.events.request.fire(

@@ -6,8 +6,8 @@ from pydantic import BaseModel, Field
 
 
 class PublishBench(BaseModel):
-    rounds: int = Field(3, ge=1, description="A B rounds")
-    seconds: float = Field(5.0, ge=0.5, description="Seconds per side")
+    rounds: int = Field(12, ge=1, description="Rounds of each side once (A B, then B A)")
+    seconds: float = Field(1.0, ge=0.2, description="Seconds per side and round")
 
 
 class RecorderBench(BaseModel):

@@ -1,6 +1,7 @@
 """``loadlab bench …``: side-by-side benchmarks (the measuring code is in ``loadlab.bench``)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -30,11 +31,11 @@ def bench():
 @bench.command("publish")
 @stack_options
 @model_options(PublishBench)
-@click.option("--out", default=None, help="Directory for the stack's logs")
+@click.option("--out", default=None, help="Directory for bench.json and the stack's logs")
 def bench_publish_command(rounds, seconds, out, **options):
     """Raw send_task loop against the Locust Celery user, same stack, one process; prints rates and the ratio."""
     patch_for_locust()
-    from loadlab.bench.publish import bench_publish
+    from loadlab.bench.publish import bench_publish, render
 
     settings = build_settings(**options)
     preflight(settings)
@@ -42,9 +43,8 @@ def bench_publish_command(rounds, seconds, out, **options):
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     install_stop_signals()
     result = bench_publish(settings, run_dir, rounds, seconds, console)
-    console.print(f"publish rate: raw send_task {result['raw_per_s']:.0f}/s, Locust Celery user "
-                  f"{result['user_per_s']:.0f}/s; ratio {result['ratio']:.3f} "
-                  f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}; target >= 0.90)")
+    (run_dir / "bench.json").write_text(json.dumps({"bench": "publish", **result}, indent=2) + "\n")
+    console.print(render(result), markup=False)
 
 
 @bench.command("recorder")
