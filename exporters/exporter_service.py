@@ -184,8 +184,12 @@ class EventState:
         })
         return handlers
 
+    def _worker_key(self, node: str | None) -> str | None:
+        """The ``hostname`` label of a worker's node name (the detailed mode shortens it)."""
+        return node
+
     def _worker_alive(self, event: dict) -> None:
-        host = event.get("hostname")
+        host = self._worker_key(event.get("hostname"))
         if host is None:
             return
         slot = self.workers.get(host)
@@ -201,7 +205,7 @@ class EventState:
         slot[4] = True
 
     def _worker_offline(self, event: dict) -> None:
-        slot = self.workers.get(event.get("hostname"))
+        slot = self.workers.get(self._worker_key(event.get("hostname")))
         if slot is not None:
             slot[0] = self.clock()
             slot[2] = 0
@@ -338,13 +342,18 @@ def _make_receiver_class():
 
 class ExporterService:
     def __init__(self, app, queues: list[str], *, interval_s: float,
-                 worker_timeout_s: float | None = None, task_events: bool = False):
+                 worker_timeout_s: float | None = None, task_events: bool = False, task_detail: bool = False):
         self.app = app
         self.queues = list(dict.fromkeys(queues))
         self.interval_s = interval_s
         self.worker_timeout_s = worker_timeout_s
-        self.task_events = task_events
-        self.state = EventState(task_events=task_events)
+        self.task_events = task_events or task_detail
+        if task_detail:
+            from loadlab.exporters.event_detail import DetailedEventState
+
+            self.state = DetailedEventState()
+        else:
+            self.state = EventState(task_events=task_events)
         self.poller = BrokerPoller(app, self.queues)
         self.started_at = time.monotonic()
         self.broker_snapshot: dict | None = None
@@ -485,7 +494,9 @@ class _Collector:
         yield up
         yield active
 
-        if svc.task_events:
+        if hasattr(svc.state, "families"):  # the detailed mode formats its own label sets
+            yield from svc.state.families()
+        elif svc.task_events:
             counts, runtime = svc.state.task_snapshot()
             for etype, metric in TASK_COUNTERS.items():
                 family = CounterMetricFamily(metric, f"Tasks seen in {etype} events.", labels=["task"])
@@ -562,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds without a heartbeat before celery_worker_up reads 0 (default 2.5 × its interval)")
     parser.add_argument("--task-events", action="store_true", help="count task events (apps not instrumented in-process)")
+    parser.add_argument("--task-detail", action="store_true",
+                        help="with task events, keep celery-exporter's series: counters and runtime/queue-wait "
+                             "histograms by task, hostname and queue")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -577,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or settings.metrics_host
     port = args.port if args.port is not None else (settings.metrics_port or settings.exporter_port)
     service = ExporterService(exporter_app(settings), queues, interval_s=settings.exporter_interval_s,
-                              worker_timeout_s=args.worker_timeout, task_events=args.task_events)
+                              worker_timeout_s=args.worker_timeout, task_events=args.task_events,
+                              task_detail=args.task_detail)
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: done.set())

@@ -28,3 +28,5 @@ class ExporterBench(BaseModel):
     events: int = Field(50_000, ge=1000, description="Events in the stream")
     rounds: int = Field(3, ge=1, description="Alternating rounds")
     seed: int = Field(7, description="Seed of the generated stream")
+    e2e_broker: str | None = Field(None, description="AMQP broker for the end-to-end figure: each exporter process drains the stream from its own queue there (unset: skipped)")
+    e2e_events: int = Field(20_000, ge=0, description="Events published to a real broker for the end-to-end figure (0: none)")

@@ -10,6 +10,7 @@ from loadlab.bench.settings import ExporterBench, OverheadBench, PublishBench, R
 from loadlab.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     UsageError,
     build_settings,
     console,
@@ -96,12 +97,15 @@ def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency,
 @bench.command("exporter")
 @model_options(ExporterBench)
 @click.option("--out", default=None, help="Directory for bench.json (default reports/runs/<UTC-timestamp>-bench-exporter/)")
-def bench_exporter(events, rounds, seed, out):
-    """loadlab's event handling vs Flower's EventsState on one generated stream: events/s each and the ratio."""
+def bench_exporter(events, rounds, seed, e2e_broker, e2e_events, out):
+    """loadlab's event handling (celery-exporter's series, and counting only) vs Flower's EventsState on one generated
+    stream, each with its own copy of every event: events/s each and the ratios with verdicts; with --e2e-broker,
+    the events/s each exporter process drains from a real broker."""
     import subprocess
 
     run_dir = run_dir_for(out, "bench-exporter")
     # a clean interpreter for the measuring process (never gevent-patched: patched locks would slow Flower's handler)
     code = subprocess.call([sys.executable, "-m", "loadlab.bench.events", "--events", str(events),
-                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir)])
-    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
+                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir),
+                            "--e2e-events", str(e2e_events), *(["--e2e-broker", e2e_broker] if e2e_broker else [])])
+    sys.exit(code if code in (EXIT_OK, EXIT_USAGE) else EXIT_FAILED)  # 2: a bad --e2e-broker, already named
