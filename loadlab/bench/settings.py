@@ -22,6 +22,7 @@ class OverheadBench(BaseModel):
     workers: int = Field(1, ge=1, description="Worker processes per stack")
     concurrency: int = Field(2, ge=1, description="Prefork pool size")
     warmup: int = Field(200, ge=0, description="No-op tasks each stack runs before it is measured")
+    instruction_tasks: int = Field(60, ge=5, description="With --instructions: no-op tasks counted per stack under callgrind")
 
 
 class ExporterBench(BaseModel):
