@@ -18,7 +18,7 @@ from bisect import bisect_left
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from loadlab.exporters import metrics as names
-from loadlab.exporters.exporter_service import MAX_TRACKED_TASKS, TASK_COUNTERS, UNKNOWN_TASK, EventState, _le
+from loadlab.exporters.event_state import MAX_TRACKED_TASKS, TASK_COUNTERS, UNKNOWN_TASK, EventState, _le
 
 DETAIL_LABELS = ("task", "hostname", "queue")
 DEFAULT_QUEUE = "celery"

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from loadlab.bench.events import generate_stream
 from loadlab.exporters.event_detail import DetailedEventState
-from loadlab.exporters.exporter_service import TASK_COUNTERS
+from loadlab.exporters.event_state import TASK_COUNTERS
 from tests.conftest import RABBITMQ, need_service, run_cli
 
 

@@ -289,6 +289,8 @@ def end_to_end(broker: str, n_events: int, rounds: int, seed: int) -> dict:
     it drain: events / seconds to have handled them all."""
     from kombu import Connection, Exchange, Producer
 
+    from loadlab.bench.overhead import close_stdin_and_wait
+
     events = generate_stream(n_events, seed=seed)
     exchange_name = f"loadlab-bench-ev-{uuidlib.uuid4().hex[:8]}"
     exchange = Exchange(exchange_name, type="topic")  # as Celery declares its event exchange
@@ -314,12 +316,7 @@ def end_to_end(broker: str, n_events: int, rounds: int, seed: int) -> dict:
                         raise RuntimeError(f"the {name} consumer saw {done['seen']} of {len(events)} events")
                     rates[name].append(len(events) / done["seconds"])
                 finally:
-                    process.stdin.close()
-                    try:
-                        process.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait()
+                    close_stdin_and_wait(process, 30)
         exchange(conn.default_channel).delete()
     ratios = {name: paired_ratio([r / f for r, f in zip(values, rates[REFERENCE])])
               for name, values in rates.items() if name != REFERENCE}

@@ -115,6 +115,8 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
     """One stack under callgrind: warm-up, the idle phase, ``tasks`` no-op tasks. The producer's and the worker main
     process's counts come from dumps around the phases; a pool child's from its dump when it exits, its whole life
     (callgrind_control cannot reach a forked process)."""
+    from loadlab.bench.overhead import close_stdin_and_wait
+
     out_dir = run_dir / "callgrind"
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
@@ -145,12 +147,7 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
             with console.status(f"{name}: {tasks} tasks under callgrind…"):
                 busy, busy_s = _phase(out_dir, list(controlled), f"tasks-{name}-{tasks}", run_tasks)
         finally:
-            producer.stdin.close()
-            try:
-                producer.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                producer.kill()
-                producer.wait()
+            close_stdin_and_wait(producer, 300)
             log.close()
     lives = _dumped(out_dir, "Program termination", trigger="")
     missing = [pid for pid in children if pid not in lives]

@@ -167,6 +167,16 @@ def _stat_fields(pid) -> list[str] | None:
         return None
 
 
+def close_stdin_and_wait(process: subprocess.Popen, timeout: float) -> None:
+    """End a measuring child that runs until its stdin closes; kill it if it does not leave within ``timeout``."""
+    try:
+        process.stdin.close()
+        process.wait(timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        process.kill()
+        process.wait()
+
+
 def _send(app) -> tuple[str, float]:
     task_id = str(uuid.uuid4())
     at = time.time()
