@@ -13,6 +13,7 @@ from locust import FastHttpUser, User, task
 from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
 from loadlab.loadtests.pacing import constant_throughput_random_phase, poisson_gap
+from loadlab.loadtests.publisher import HeldProducerPublisher
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.task_mix import MixTask, TaskMix, load_task_mix
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
@@ -58,9 +59,15 @@ class CeleryUser(User):
     settings: Settings
     mix: _Mix
 
+    _publisher: HeldProducerPublisher | None = None
+
     @task
     def submit(self):
         self.submit_next()
+
+    def on_stop(self):
+        if self._publisher is not None:
+            self._publisher.release()
 
     def submit_next(self) -> None:
         """One submission; subclasses change what and when (the Locust task itself stays the same one)."""
@@ -68,15 +75,18 @@ class CeleryUser(User):
         self.publish(name, args)
 
     def publish(self, name, args, headers: dict | None = None) -> None:
-        app = celery_client(self.settings)
+        publisher = self._publisher
+        if publisher is None:
+            publisher = self._publisher = HeldProducerPublisher(celery_client(self.settings))
+        # the arguments are made before the publish is timed
+        if isinstance(args, MixTask):  # a task-mix entry: the app's own task under its registered name
+            task_name, (positional, kwargs), options = name, args.arguments(), args.options
+        else:
+            task_name, positional, kwargs, options = full_name(name), (), args.call_kwargs(), {}
         started = time.perf_counter()
         exception = None
         try:
-            if isinstance(args, MixTask):  # a task-mix entry: the app's own task under its registered name
-                positional, kwargs = args.arguments()
-                app.send_task(name, args=positional, kwargs=kwargs, headers=headers, **args.options)
-            else:
-                app.send_task(full_name(name), kwargs=args.call_kwargs(), headers=headers)
+            publisher.send(task_name, positional, kwargs, headers, **options)
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
             exception = exc
         self.environment.events.request.fire(

@@ -4,7 +4,8 @@ multiprocess values (``values.MultiProcessValue(process_identifier=…)``, which
 on what a worker records per task: a counter +1 and one histogram observation.
 
 Both sides run in this process, their rounds interleaved, each writing its own directory; the ratio is the public
-side's time per task over the store's, with a bootstrap interval of its median. The private layout is worth keeping
+side's time per task over the store's, judged by ``loadlab.bench.verdict`` (the geometric mean of the paired
+per-round ratios with its Student-t interval), as every bench. The private layout is worth keeping
 only if the public values cost at least ``KEEP_IF_PUBLIC_COSTS`` times as much.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ def exposition(make_recorder, amounts: list[float]) -> dict:
 
 
 def run(tasks: int, rounds: int, seed: int = 1) -> dict:
-    from loadlab.bench.overhead import median_interval, verdict
+    from loadlab.bench.verdict import paired_ratio, verdict
 
     rng = random.Random(seed)
     amounts = [rng.expovariate(10.0) for _ in range(tasks)]
@@ -114,22 +115,24 @@ def run(tasks: int, rounds: int, seed: int = 1) -> dict:
         store_s.append(timed["store"])
         public_s.append(timed["public"])
         ratios.append(timed["public"] / timed["store"])
-    low, high = median_interval(ratios)
+    ratio = paired_ratio(ratios)
     return {"tasks": tasks, "rounds": rounds, "same_exposition": same,
             "store_ns_per_task": sorted(store_s)[len(store_s) // 2] * 1e9,
             "public_ns_per_task": sorted(public_s)[len(public_s) // 2] * 1e9,
-            "ratio": sorted(ratios)[len(ratios) // 2], "ratio_ci_low": low, "ratio_ci_high": high,
-            "target": KEEP_IF_PUBLIC_COSTS, "verdict": verdict(low, high, KEEP_IF_PUBLIC_COSTS)}
+            "ratio": ratio.value, "ratio_ci_low": ratio.low, "ratio_ci_high": ratio.high,
+            "target": KEEP_IF_PUBLIC_COSTS, "verdict": verdict(ratio.low, ratio.high, KEEP_IF_PUBLIC_COSTS)}
 
 
 def render(result: dict) -> str:
-    keep = {"ok": "met: the private layout stays",
-            "MISSED": "missed: prometheus_client's public MultiProcessValue would do",
-            "not resolved": "not resolved: the interval spans the target"}[result["verdict"]]
+    from loadlab.bench.verdict import MET, MISSED
+
+    keep = {MET: "met: the private layout stays",
+            MISSED: "missed: prometheus_client's public MultiProcessValue would do"}.get(
+        result["verdict"], "not resolved: the interval spans the target")
     return (f"counter +1 and one histogram observation per task, {result['tasks']:,} tasks x {result['rounds']} "
             f"interleaved rounds (this machine's times)\n"
             f"  loadlab metric store (slot files)   {result['store_ns_per_task']:8.0f} ns/task\n"
             f"  prometheus_client MultiProcessValue {result['public_ns_per_task']:8.0f} ns/task\n"
             f"  public / store = {result['ratio']:.2f} [{result['ratio_ci_low']:.2f}-{result['ratio_ci_high']:.2f}] "
-            f"(95 % interval of the median; keep the private layout if >= {result['target']}): {keep}\n"
+            f"(geometric mean [95 % CI]; keep the private layout if >= {result['target']}): {keep}\n"
             f"  both read back the same by MultiProcessCollector: {'yes' if result['same_exposition'] else 'NO'}")

@@ -11,10 +11,15 @@ The same no-op workload on five stacks:
 
 The stacks run side by side for the whole bench, each with its own producer process (a clean interpreter,
 instrumented like its configuration, as the load generator would be), and take turns: in round r each runs a burst,
-in the order A B C D E rotated by r (so no configuration has a fixed position), then each runs its paced phase in
+in an order drawn at random for that round (seeded: a run repeats its orders), then each runs its paced phase in
 the same order. Only the stack whose turn it is has work; the others sit idle (their periodic polls and heartbeats
 cost well under 1 % of a core), and a turn ends only when its stack has gone quiet. The rounds are split into
 sessions of two rounds, each with a fresh set of stacks started in a rotated order (see ``sessions``).
+
+Why a random order per round and not A B C D E rotated by r: a rotation keeps every configuration's neighbours (the
+stack before ``bare`` was always ``bare again``), so whatever a turn inherits from the one before it (the previous
+stack's tail of bookkeeping, caches it evicted) landed on the same configuration every round. With the rotation
+and a percentile bootstrap of the median, the A/A control read 1.060 [1.010-1.220] on 8 rounds.
 
 Why side by side and short turns: this machine's speed drifts by 10-30 % over tens of seconds (a shared VM), more
 than the effects measured. With a fresh stack per run, runs of 20 s and ratios per round compared moments a minute
@@ -23,10 +28,10 @@ apart; here a round's bursts follow each other within seconds, so most of the dr
 The burst: tasks published as fast as one producer can (tasks / first publish -> last result stored is the
 throughput figure; the CPU time of the stack's processes and the producer, per task, is the CPU figure). The paced
 phase: a rate the stack keeps up with; its end-to-end p50 is the latency figure. Times come from the producer's clock
-and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare stack; the figure
-printed is their median with a bootstrap 95 % confidence interval that resamples whole sessions (their rounds share
-one set of stacks), and a target's verdict is ``ok`` or ``MISSED`` only when the interval lies on one side of it
-(``not resolved`` otherwise: more rounds, so more sessions, narrow it).
+and the result's ``date_done`` (one machine). Ratios are taken per round against that round's bare stack and judged
+by :mod:`loadlab.bench.verdict` (geometric mean, Student-t interval over the sessions' means: their rounds share one
+set of stacks); a target is ``met`` or ``missed`` only when the interval lies on one side of it. These are this
+machine's time-based figures; ``--instructions`` counts instructions instead (:mod:`loadlab.bench.instructions`).
 bench.json keeps every slice.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -43,6 +49,7 @@ from datetime import datetime
 from pathlib import Path
 
 from loadlab.bench.settings import OverheadBench
+from loadlab.bench.verdict import paired_ratio
 from loadlab.stack.tasks import full_name
 
 CONFIGS = (
@@ -53,8 +60,6 @@ CONFIGS = (
     ("bare again", "off", "off"),  # the A/A control
 )
 CONTROL = "bare again"
-CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 4000
 # issue #3: the default instrumentation (metrics on, tracing off) >= 0.97 x bare; every task traced >= 0.90 x
 TARGETS = {"metrics": 0.97, "all traced": 0.90}
 NOOP = full_name("noop")
@@ -160,6 +165,16 @@ def _stat_fields(pid) -> list[str] | None:
             return handle.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
+
+
+def close_stdin_and_wait(process: subprocess.Popen, timeout: float) -> None:
+    """End a measuring child that runs until its stdin closes; kill it if it does not leave within ``timeout``."""
+    try:
+        process.stdin.close()
+        process.wait(timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        process.kill()
+        process.wait()
 
 
 def _send(app) -> tuple[str, float]:
@@ -295,18 +310,23 @@ def sessions(rounds: int, configs: tuple, per_session: int = ROUNDS_PER_SESSION)
 
     Short sessions, because a set of stacks keeps its speed: the median ratio of one session's stacks strayed from
     the next session's by up to ±4 % (five runs of 20 rounds in sessions of 4), more than the rounds within a
-    session scatter around their own median. Many sets of stacks average that out; ``median_interval`` resamples
-    whole sessions so the interval shows what is left of it."""
+    session scatter around their own median. Many sets of stacks average that out; the interval is taken over the
+    sessions' means (``loadlab.bench.verdict``) so it shows what is left of it."""
     count = max(1, -(-rounds // max(1, per_session)))
     bounds = [round(rounds * k / count) for k in range(count + 1)]
     return [(rotated(configs, k), range(bounds[k], bounds[k + 1])) for k in range(count)]
 
 
-def rotated(configs: tuple, round_index: int) -> list:
-    """Round r runs the configurations starting at the r-th (A B C D, B C D A, …): over len(configs) rounds each
-    takes every position once, so a position effect (the slice after another stack's burst, a warming machine) does
-    not land on one configuration."""
-    shift = round_index % len(configs)
+def round_order(configs: tuple, round_index: int, seed: int = 0) -> list:
+    """The order of round ``round_index``'s turns: a random permutation of ``configs``, seeded by the round (see the
+    module's text for why not a rotation)."""
+    return random.Random(f"{seed}-{round_index}").sample(list(configs), len(configs))
+
+
+def rotated(configs: tuple, index: int) -> list:
+    """``configs`` starting at the index-th (A B C D, B C D A, …): over len(configs) sessions each is started in
+    every position once."""
+    shift = index % len(configs)
     return [*configs[shift:], *configs[:shift]]
 
 
@@ -317,7 +337,7 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q1, q3
 
 
-def bench(args) -> dict:
+def bench(args, configs: tuple = CONFIGS) -> dict:
     import contextlib
 
     from rich.console import Console
@@ -329,24 +349,24 @@ def bench(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = Settings.build(workers=args.workers, concurrency=args.concurrency)
     earlier = load_earlier(args.with_earlier, vars(args))
-    results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
+    results: dict[str, list[dict]] = {name: [] for name, *_ in configs}
     started = time.monotonic()
-    planned = sessions(args.rounds, CONFIGS)
+    planned = sessions(args.rounds, configs)
     for session, (start_order, round_indexes) in enumerate(planned, 1):
         with contextlib.ExitStack() as stacks:
-            with console.status(f"session {session}/{len(planned)}: starting the {len(CONFIGS)} stacks…"):
+            with console.status(f"session {session}/{len(planned)}: starting the {len(configs)} stacks…"):
                 configured = start_all(base, out / f"session-{session}", args.warmup, stacks, start_order)
             console.print(f"session {session}/{len(planned)}: stacks started in the order "
                           f"{', '.join(name for name, *_ in start_order)}")
             for round_index in round_indexes:
-                order = rotated(CONFIGS, round_index)
-                round_results = {name: {"round": round_index + 1, "session": session} for name, *_ in CONFIGS}
+                order = round_order(configs, round_index)
+                round_results = {name: {"round": round_index + 1, "session": session} for name, *_ in configs}
                 # the bursts back to back, then the paced phases: the bursts a round compares come within seconds
                 for phase, paced, burst in (("burst", 0, args.tasks), ("paced", args.paced_tasks, 0)):
                     for name, *_ in order:
                         with console.status(f"round {round_index + 1}/{args.rounds}: {name}, {phase}…"):
                             round_results[name] |= configured[name].run_slice(paced, args.paced_rate, burst)
-                for name, *_ in CONFIGS:
+                for name, *_ in configs:
                     results[name].append(round_results[name])
                 console.print(f"round {round_index + 1:>2}: " + ", ".join(
                     f"{name} {round_results[name]['throughput_per_s']:.0f}/s" for name, *_ in order))
@@ -355,9 +375,9 @@ def bench(args) -> dict:
     console.print(summary_table(summary, args))
     console.print("throughput: a burst of no-op tasks, first publish -> last result stored; p50: end to end at a paced "
                   "rate; CPU: every stack process and the producer, per task of the burst. Ratios per round against "
-                  "that round's bare stack: median over rounds [bootstrap 95% confidence interval]. 'bare again' is "
-                  "a second bare stack: how far its ratio strays from 1 is this machine's noise. A target is 'ok' or "
-                  "'MISSED' only when the whole interval is on one side of it.", markup=False)
+                  "that round's bare stack: geometric mean [95% Student-t interval over the sessions]; this machine's "
+                  "time-based figures. 'bare again' is a second bare stack: its interval should contain 1. A target "
+                  "is 'met' or 'missed' only when the whole interval is on one side of it.", markup=False)
     console.print(f"took {time.monotonic() - started:.0f}s; slices and logs under {out}")
     record = {"rounds": args.rounds, "tasks": args.tasks, "paced_tasks": args.paced_tasks,
               "paced_rate": args.paced_rate, "workers": args.workers, "concurrency": args.concurrency,
@@ -421,58 +441,29 @@ def combined(results: dict[str, list[dict]], earlier: list[dict]) -> dict[str, l
 def summarize(results: dict[str, list[dict]]) -> dict:
     summary = {}
     bare = results["bare"]
-    for name, *_ in CONFIGS:
-        slices = results[name]
+    for name, slices in results.items():
         row = {"target_throughput_ratio": TARGETS.get(name)}
         for figure, key in (("throughput", "throughput_per_s"), ("p50", "p50_ms"), ("cpu", "cpu_ms_per_task")):
             ratios = [r[key] / b[key] for r, b in zip(slices, bare)]
             q1, q3 = quartiles(ratios)
-            low, high = median_interval(ratios, [r.get("session") for r in slices])
-            row |= {key: statistics.median(r[key] for r in slices), f"{figure}_ratio": statistics.median(ratios),
-                    f"{figure}_ratio_ci_low": low, f"{figure}_ratio_ci_high": high,
+            ratio = paired_ratio(ratios, [r.get("session") for r in slices])
+            row |= {key: statistics.median(r[key] for r in slices), f"{figure}_ratio": ratio.value,
+                    f"{figure}_ratio_ci_low": ratio.low, f"{figure}_ratio_ci_high": ratio.high,
                     f"{figure}_ratio_q1": q1, f"{figure}_ratio_q3": q3, f"{figure}_ratio_min": min(ratios),
                     f"{figure}_ratio_max": max(ratios), f"{figure}_ratio_mean": statistics.mean(ratios)}
+            if name == CONTROL:  # the A/A control: each figure's interval should hold 1
+                row[f"{figure}_contains_1"] = ratio.contains(1.0)
         target = row["target_throughput_ratio"]
         if target is not None:
-            row["verdict"] = verdict(row["throughput_ratio_ci_low"], row["throughput_ratio_ci_high"], target)
+            row["verdict"] = ratio_of(row, "throughput").verdict(target)
         summary[name] = row
     return summary
 
 
-def median_interval(ratios: list[float], sessions: list | None = None) -> tuple[float, float]:
-    """Bootstrap confidence interval of the median (percentile method, fixed seed: the same slices give the same
-    interval). With ``sessions`` (each ratio's session) and more than one session, whole sessions are resampled:
-    the rounds of one session share their stacks, and a set of stacks has a speed of its own, so they are not
-    independent draws. With one value or identical values there is nothing to resample: the interval is that
-    value."""
-    if len(ratios) < 2 or len(set(ratios)) == 1:
-        return ratios[0], ratios[0]
-    import numpy
+def ratio_of(row: dict, figure: str):
+    from loadlab.bench.verdict import Ratio
 
-    groups: dict = {}
-    for ratio, session in zip(ratios, sessions or [None] * len(ratios)):
-        groups.setdefault(session, []).append(ratio)
-    if len(groups) > 1 and sessions is not None:
-        clusters = list(groups.values())
-        draws = numpy.random.default_rng(0).integers(0, len(clusters), size=(BOOTSTRAP_RESAMPLES, len(clusters)))
-        medians = [numpy.median([ratio for index in draw for ratio in clusters[index]]) for draw in draws]
-        tail = (1 - CONFIDENCE) / 2 * 100
-        low, high = numpy.percentile(medians, [tail, 100 - tail])
-        return float(low), float(high)
-    from scipy.stats import bootstrap
-
-    result = bootstrap((numpy.asarray(ratios),), numpy.median, confidence_level=CONFIDENCE, method="percentile",
-                       n_resamples=BOOTSTRAP_RESAMPLES, random_state=0)
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def verdict(low: float, high: float, target: float) -> str:
-    """``ok`` when the whole interval meets the target, ``MISSED`` when none of it does, else ``not resolved``."""
-    if low >= target:
-        return "ok"
-    if high < target:
-        return "MISSED"
-    return "not resolved"
+    return Ratio(row[f"{figure}_ratio"], row[f"{figure}_ratio_ci_low"], row[f"{figure}_ratio_ci_high"], 0)
 
 
 def summary_table(summary: dict, args, title: str | None = None):
@@ -487,14 +478,17 @@ def summary_table(summary: dict, args, title: str | None = None):
         table.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
     for name, row in summary.items():
         target = row["target_throughput_ratio"]
-        shown = "A/A control" if name == CONTROL else "" if target is None else f">= {target:.2f} {row['verdict']}"
+        if name == CONTROL:
+            shown = "A/A control: " + ("contains 1" if row["throughput_contains_1"] else "EXCLUDES 1")
+        else:
+            shown = "" if target is None else f">= {target:.2f} {row['verdict']}"
         table.add_row(name, f"{row['throughput_per_s']:.1f}", _ratio(row, "throughput"), shown,
                       f"{row['p50_ms']:.2f}", _ratio(row, "p50"), f"{row['cpu_ms_per_task']:.2f}", _ratio(row, "cpu"))
     return table
 
 
 def _ratio(row: dict, figure: str) -> str:
-    return f"{row[f'{figure}_ratio']:.3f} [{row[f'{figure}_ratio_ci_low']:.3f}-{row[f'{figure}_ratio_ci_high']:.3f}]"
+    return ratio_of(row, figure).text()
 
 
 def main(argv: list[str] | None = None) -> int:

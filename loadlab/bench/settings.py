@@ -6,8 +6,8 @@ from pydantic import BaseModel, Field
 
 
 class PublishBench(BaseModel):
-    rounds: int = Field(3, ge=1, description="A B rounds")
-    seconds: float = Field(5.0, ge=0.5, description="Seconds per side")
+    rounds: int = Field(12, ge=1, description="Rounds of each side once (A B, then B A)")
+    seconds: float = Field(1.0, ge=0.2, description="Seconds per side and round")
 
 
 class RecorderBench(BaseModel):
@@ -22,12 +22,15 @@ class OverheadBench(BaseModel):
     workers: int = Field(1, ge=1, description="Worker processes per stack")
     concurrency: int = Field(2, ge=1, description="Prefork pool size")
     warmup: int = Field(200, ge=0, description="No-op tasks each stack runs before it is measured")
+    instruction_tasks: int = Field(60, ge=5, description="With --instructions: no-op tasks counted per stack under callgrind")
 
 
 class ExporterBench(BaseModel):
     events: int = Field(50_000, ge=1000, description="Events in the stream")
     rounds: int = Field(3, ge=1, description="Alternating rounds")
     seed: int = Field(7, description="Seed of the generated stream")
+    e2e_broker: str | None = Field(None, description="AMQP broker for the end-to-end figure: each exporter process drains the stream from its own queue there (unset: skipped)")
+    e2e_events: int = Field(20_000, ge=0, description="Events published to a real broker for the end-to-end figure (0: none)")
 
 
 class MetricStoreBench(BaseModel):

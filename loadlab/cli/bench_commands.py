@@ -1,6 +1,7 @@
 """``loadlab bench …``: side-by-side benchmarks (the measuring code is in ``loadlab.bench``)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -9,6 +10,7 @@ from loadlab.bench.settings import ExporterBench, MetricStoreBench, OverheadBenc
 from loadlab.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     UsageError,
     build_settings,
     console,
@@ -30,11 +32,11 @@ def bench():
 @bench.command("publish")
 @stack_options
 @model_options(PublishBench)
-@click.option("--out", default=None, help="Directory for the stack's logs")
+@click.option("--out", default=None, help="Directory for bench.json and the stack's logs")
 def bench_publish_command(rounds, seconds, out, **options):
     """Raw send_task loop against the Locust Celery user, same stack, one process; prints rates and the ratio."""
     patch_for_locust()
-    from loadlab.bench.publish import bench_publish
+    from loadlab.bench.publish import bench_publish, render
 
     settings = build_settings(**options)
     preflight(settings)
@@ -42,9 +44,8 @@ def bench_publish_command(rounds, seconds, out, **options):
     settings = settings.model_copy(update={"run_id": run_dir.name.replace(".", "-"), "run_dir": str(run_dir)})
     install_stop_signals()
     result = bench_publish(settings, run_dir, rounds, seconds, console)
-    console.print(f"publish rate: raw send_task {result['raw_per_s']:.0f}/s, Locust Celery user "
-                  f"{result['user_per_s']:.0f}/s; ratio {result['ratio']:.3f} "
-                  f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}; target >= 0.90)")
+    (run_dir / "bench.json").write_text(json.dumps({"bench": "publish", **result}, indent=2) + "\n")
+    console.print(render(result), markup=False)
 
 
 @bench.command("recorder")
@@ -68,14 +69,23 @@ def bench_recorder_command(sizes):
 
 
 @bench.command("overhead")
-@model_options(OverheadBench, ["rounds", "tasks", "paced_tasks", "paced_rate", "workers", "concurrency"])
+@model_options(OverheadBench, ["rounds", "tasks", "paced_tasks", "paced_rate", "workers", "concurrency",
+                               "instruction_tasks"])
 @click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
 @click.option("--with-earlier", multiple=True, metavar="PATH", help="bench.json (or its directory) of an earlier run with the same settings, summarized with this run's rounds (repeatable)")
-def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, out, with_earlier):
+@click.option("--instructions", is_flag=True, help="Count instructions per no-op task with valgrind callgrind in the producer, worker and pool children (bare, metrics, sampled, all traced) instead of timing")
+def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, instruction_tasks, out, with_earlier,
+                   instructions):
     """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, and a second bare stack as the A/A
     control: five stacks side by side taking turns; throughput, p50 and CPU per task, each as a ratio to bare with
-    its 95% confidence interval."""
+    its 95% confidence interval and a verdict. With --instructions: instructions per task from callgrind instead."""
     import subprocess
+
+    if instructions:
+        run_dir = run_dir_for(out, "bench-overhead-instructions")
+        code = subprocess.call([sys.executable, "-m", "loadlab.bench.instructions", "--tasks", str(instruction_tasks),
+                                "--concurrency", str(concurrency), "--out", str(run_dir)])
+        sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
 
     from loadlab.bench.overhead import load_earlier
 
@@ -96,15 +106,18 @@ def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency,
 @bench.command("exporter")
 @model_options(ExporterBench)
 @click.option("--out", default=None, help="Directory for bench.json (default reports/runs/<UTC-timestamp>-bench-exporter/)")
-def bench_exporter(events, rounds, seed, out):
-    """loadlab's event handling vs Flower's EventsState on one generated stream: events/s each and the ratio."""
+def bench_exporter(events, rounds, seed, e2e_broker, e2e_events, out):
+    """loadlab's event handling (celery-exporter's series, and counting only) vs Flower's EventsState on one generated
+    stream, each with its own copy of every event: events/s each and the ratios with verdicts; with --e2e-broker,
+    the events/s each exporter process drains from a real broker."""
     import subprocess
 
     run_dir = run_dir_for(out, "bench-exporter")
     # a clean interpreter for the measuring process (never gevent-patched: patched locks would slow Flower's handler)
     code = subprocess.call([sys.executable, "-m", "loadlab.bench.events", "--events", str(events),
-                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir)])
-    sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
+                            "--rounds", str(rounds), "--seed", str(seed), "--out", str(run_dir),
+                            "--e2e-events", str(e2e_events), *(["--e2e-broker", e2e_broker] if e2e_broker else [])])
+    sys.exit(code if code in (EXIT_OK, EXIT_USAGE) else EXIT_FAILED)  # 2: a bad --e2e-broker, already named
 
 
 @bench.command("metric-store")

@@ -89,7 +89,10 @@ def api(**options):
               help="Seconds without a heartbeat before celery_worker_up reads 0 (default 2.5x the worker's interval)")
 @click.option("--task-events/--no-task-events", default=False,
               help="Count task events too (for apps not instrumented in-process; asks workers to send them)")
-def exporter(queues, worker_timeout, task_events, **options):
+@click.option("--task-detail/--no-task-detail", default=False,
+              help="With task events, export what celery-exporter does: counters and runtime/queue-wait histograms "
+                   "by task, hostname and queue (implies --task-events)")
+def exporter(queues, worker_timeout, task_events, task_detail, **options):
     """Serve queue depth, worker liveness and active tasks of any Celery deployment on /metrics
     (--metrics-host, and --metrics-port or else --exporter-port)."""
     import os
@@ -110,5 +113,7 @@ def exporter(queues, worker_timeout, task_events, **options):
         argv += ["--worker-timeout", str(worker_timeout)]
     if task_events:
         argv.append("--task-events")
+    if task_detail:
+        argv.append("--task-detail")
     # exec the exporter service in this process's place, with the settings as its environment
     os.execve(sys.executable, argv, settings.child_env())
