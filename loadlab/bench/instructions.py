@@ -25,6 +25,9 @@ from loadlab.bench.verdict import paired_ratio, target_text
 
 CONFIGS = (("bare", "off", "off"), ("metrics", "on", "off"), ("metrics+sampled", "on", "sampled"),
            ("all traced", "on", "all"))
+# every task traced through OpenTelemetry's public API only (--no-otel-fast-paths): what the fast paths of
+# loadlab.exporters.otel_compat are worth, against "all traced"
+PUBLIC_API = "all traced, public API"
 # issue #21: metrics at most +3 %, every task traced at most +10 % of bare's instructions per task
 TARGETS = {"metrics": 1.03, "all traced": 1.10}
 IDLE_S = 4.0
@@ -111,7 +114,8 @@ def _phase(out_dir: Path, pids: list[int], label: str, action) -> tuple[dict[int
     return counts, elapsed
 
 
-def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console) -> dict:
+def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console,
+              fast_paths: bool = True) -> dict:
     """One stack under callgrind: warm-up, the idle phase, ``tasks`` no-op tasks. The producer's and the worker main
     process's counts come from dumps around the phases; a pool child's from its dump when it exits, its whole life
     (callgrind_control cannot reach a forked process)."""
@@ -119,7 +123,8 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
 
     out_dir = run_dir / "callgrind"
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "run_dir": str(run_dir),
+    settings = base.model_copy(update={"metrics": metrics, "tracing": tracing, "otel_fast_paths": fast_paths,
+                                       "run_dir": str(run_dir),
                                        "run_id": run_dir.name.replace(".", "-"),
                                        "startup_timeout_s": STARTUP_TIMEOUT_S})
     stack = _stack_class()(settings, run_dir, api=False, log=lambda *_: None)
@@ -162,28 +167,31 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
         "pool_children_life": sum(lives[pid] for pid in children), "pool_children": len(children)}
 
 
-def measure_configuration(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console) -> dict:
+def measure_configuration(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console,
+                          fast_paths: bool = True) -> dict:
     """Two stacks of the configuration, with ``tasks`` and a third of them: a pool child's instructions per task are
     the difference of the children's lifetime counts over the difference of tasks (what both lives share, the
     count inherited at fork included, cancels)."""
     fewer = max(2, tasks // 3)
-    small = run_stack(base, name, metrics, tracing, run_dir / f"{fewer}-tasks", fewer, console)
-    large = run_stack(base, name, metrics, tracing, run_dir / f"{tasks}-tasks", tasks, console)
+    small = run_stack(base, name, metrics, tracing, run_dir / f"{fewer}-tasks", fewer, console, fast_paths)
+    large = run_stack(base, name, metrics, tracing, run_dir / f"{tasks}-tasks", tasks, console, fast_paths)
     by_role = dict(large["per_task"])
     by_role["pool child"] = (large["pool_children_life"] - small["pool_children_life"]) / (tasks - fewer)
     return {"tasks": tasks, "per_task": sum(by_role.values()), "by_role": by_role, "runs": [small, large]}
 
 
-def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, console) -> dict:
+def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, console,
+                       public_api: bool = False) -> dict:
     from loadlab.config.settings import Settings
 
     if not _have_valgrind():
         raise RuntimeError("valgrind is not installed: --instructions needs `valgrind --tool=callgrind`")
     base = Settings.build(workers=1, concurrency=concurrency)
     results = {}
-    for name, metrics, tracing in CONFIGS:
-        results[name] = measure_configuration(base, name, metrics, tracing,
-                                              out / name.replace(" ", "-").replace("+", "-"), tasks, console)
+    for name, metrics, tracing, fast_paths in [(*config, True) for config in CONFIGS] + [
+            (PUBLIC_API, "on", "all", False)] * public_api:
+        results[name] = measure_configuration(base, name, metrics, tracing, out / name.replace(" ", "-").replace(
+            "+", "-").replace(",", ""), tasks, console, fast_paths)
         console.print(f"{name}: {results[name]['per_task'] / 1e6:.3f} M instructions per task "
                       f"({', '.join(f'{r} {v / 1e6:.3f} M' for r, v in results[name]['by_role'].items())})")
     bare = results["bare"]["per_task"]
@@ -194,10 +202,17 @@ def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, co
         if target is not None:
             row["target"] = target
             row["verdict"] = ratio.verdict(target, higher_is_better=False)
+    if PUBLIC_API in results:  # the fast paths' worth: instructions the public API adds to every traced task
+        results[PUBLIC_API]["x_fast_paths"] = results[PUBLIC_API]["per_task"] / results["all traced"]["per_task"]
     record = {"bench": "overhead --instructions", "tasks": tasks, "workers": workers, "concurrency": concurrency,
               "configurations": results}
     (out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(table(record))
+    if PUBLIC_API in results:
+        row = results[PUBLIC_API]
+        console.print(f"tracing's fast paths: every task traced costs {row['x_fast_paths']:.3f} x the instructions "
+                      f"through the public API only ({row['per_task'] / 1e6:.3f} M against "
+                      f"{results['all traced']['per_task'] / 1e6:.3f} M per task)", markup=False)
     console.print("instructions counted by valgrind --tool=callgrind in the producer, the worker's main process and "
                   "its pool children, per no-op task, an idle stack's background (same duration) subtracted; they "
                   "repeat for the same code and inputs whatever else the machine runs. Ratio to bare; a target is "
@@ -241,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--public-api", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench_instructions(args.tasks, args.workers, args.concurrency, out, Console(highlight=False, width=150))
+    bench_instructions(args.tasks, args.workers, args.concurrency, out, Console(highlight=False, width=150),
+                       public_api=args.public_api)
     return 0
 
 
