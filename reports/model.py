@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadlab.reports.backend_audit import LISTED
-from loadlab.reports.recorder import ARRIVALS_KEPT, AUDITED_MAX, LITTLE_TOLERANCE, SATURATED_GROWTH
+from loadlab.reports.recorder import ARRIVALS_KEPT, AUDITED_MAX, LITTLE_SIGMAS, LITTLE_TOLERANCE, SATURATED_GROWTH
 from loadlab.reports.report import SCHEMA_PATH, SCHEMA_VERSION
 
 UNITS = ("ms", "us", "s", "/s", "bytes", "count", "ratio")
@@ -332,9 +332,10 @@ class LittlesLaw(Section):
     ratio: float | None = ratio("observed / predicted")
     window_start_s: float | None = seconds("Start of the window on the time series' axis", default=None)
     window_s: float | None = seconds("T: the window's length", default=None)
-    tolerance: float | None = _figure("ratio", f"Allowed |ratio - 1|: {LITTLE_TOLERANCE:.0%} plus E[W²]/(E[W]·T), what the tasks "
-                                    "straddling the window's two edges move the ratio by in a steady state",
-                                    default=None)
+    tolerance: float | None = _figure("ratio", f"Allowed |ratio - 1|: {LITTLE_TOLERANCE:.0%}, plus what the tasks straddling "
+                                    "the window's two edges move the ratio by in a steady state, on average "
+                                    f"(E[W²]/(2·E[W]·T)) and {LITTLE_SIGMAS} standard deviations (√(2·E[W³]/(3λ))/"
+                                    "(T·E[W])), W over every finished task", default=None)
     within_tolerance: bool | None = None
     reason: str | None = Field(None, description="Why the ratio is outside the tolerance")
 
