@@ -415,7 +415,9 @@ class Recorder:
             self.children_by_task[short] = self.children_by_task.get(short, 0) + 1
 
     def _workflow_task_done(self, root_id: str, finished_at: float) -> None:
-        workflow = self.workflows[root_id]
+        workflow = self.workflows.get(root_id)
+        if workflow is None:  # a task given a root_id of its own making, already closed as a root: nothing to add
+            return
         workflow.open -= 1
         if workflow.last is None or finished_at > workflow.last:
             workflow.last = finished_at
@@ -487,6 +489,8 @@ class Recorder:
             self.early[task_id] = list(args)
             if root_id is not None and task_id not in self.members:  # it belongs to its workflow from now on
                 self._join(task_id, name, sent_at or finished_at, parent_id, root_id)
+            elif task_id in self.workflows:  # a root its tasks came before: its name and send time, in case its
+                self.workflows[task_id].root_sent(name, sent_at)  # SENT never comes (adopted)
 
     def _terminal(self, task_id, name, state, sent_at, finished_at, retries, exc_type, intended_at,
                   final_attempt: dict | None = None) -> None:

@@ -326,3 +326,16 @@ def test_tasks_of_their_own_make_no_workflows_section():
         _attempt(r, str(i), "SUCCESS", 1.0, 1.01, 1.02)
     s = r.summary()
     assert s["workflows"] is None and s["tasks"]["children"] == 0
+
+
+def test_a_root_whose_sent_never_comes_is_adopted_with_its_name_and_send_time():
+    r = _recorder()
+    _child_sent(r, "k", 7.1, "root", "root")
+    _child_done(r, "k", 7.1, 7.11, 7.2, "root", "root")
+    _attempt(r, "root", "SUCCESS", 7.0, 7.05, 7.15, name="app.spawn")  # the producer died before its SENT
+    r.adopt_orphans()
+    s = r.summary()
+    assert s["tasks"]["submitted"] == 2 and s["tasks"]["succeeded"] == 2 and s["tasks"]["lost"] == 0
+    w = s["workflows"]
+    assert list(w["by_root"]) == ["app.spawn"] and w["count"] == 1 and w["unfinished"] == 0
+    assert w["end_to_end_ms"]["max"] == pytest.approx(200.1, rel=0.002)  # from the send time its headers carried
