@@ -204,7 +204,7 @@ def test_children_published_by_workers_are_in_the_ledger_with_their_parent_and_t
             assert (parent_id, root_id) == (t["parent"], t["root"]) and t["root"] in roots, (t, sent)
     chain_root = next(i for i, name in roots.items() if name == "start_chain")
     links = [recorder.sent[t["id"]][0] for t in truth if t["root"] == chain_root and t["id"] != chain_root]
-    assert len(links) == LINKS and max(sent_at for _n, sent_at, _p, _r in links) > stopped_at + link_ms / 1000
+    assert len(links) == LINKS and max(sent_at for _n, sent_at, _p, _r in links) > stopped_at  # sent in the drain
     tasks = summary["tasks"]
     assert (tasks["submitted"], tasks["succeeded"], tasks["lost"]) == (len(truth), len(truth), 0)
     assert tasks["pending_at_end"] > 0 and tasks["children"] == len(truth) - len(roots)
