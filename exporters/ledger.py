@@ -16,9 +16,12 @@ from urllib.parse import unquote, urlsplit
 import msgpack
 
 # Record kinds: the first element of every record.
-SENT = "S"       # [SENT, task_id, task_name, sent_at, publish_seconds, intended_at]
+SENT = "S"       # [SENT, task_id, task_name, sent_at, publish_seconds, intended_at, parent_id, root_id]
 ATTEMPT = "A"    # [ATTEMPT, task_id, task_name, state, sent_at, attempt_sent_at, eta, started_at, body_done_at,
-                 #  finished_at, retries, exception_type, intended_at, hostname]
+                 #  finished_at, retries, exception_type, intended_at, hostname, parent_id, root_id]
+# parent_id, root_id: Celery's message headers (protocol 2) for a task another task published (chain, group, chord,
+# ``.delay()`` in a task): the task that published it and the first task of its workflow. Both None for a task of its
+# own (root_id is then its own id, not repeated: two nils instead of 36 bytes).
 TERMINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED", "REJECTED")
 
 # Message header names carried from the first publish through every retry.

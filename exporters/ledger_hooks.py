@@ -52,9 +52,11 @@ def _after_publish(arguments):
     attempt_sent_at = headers.get(ledger.HEADER_ATTEMPT_SENT_AT)
     if attempt_sent_at is None:
         return
-    _sink.push([ledger.SENT, headers["id"], arguments.get("sender"),
-                headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
-                time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT)])
+    task_id = headers["id"]
+    root_id = headers.get("root_id")
+    _sink.push([ledger.SENT, task_id, arguments.get("sender"), headers.get(ledger.HEADER_SENT_AT, attempt_sent_at),
+                time.time() - attempt_sent_at, headers.get(ledger.HEADER_INTENDED_AT), headers.get("parent_id"),
+                root_id if root_id != task_id else None])
 
 
 def _prerun(arguments):
@@ -82,7 +84,13 @@ def _failure(arguments):
     _sink.push([ledger.ATTEMPT, task_id, getattr(sender, "name", None), "FAILURE",
                 _header(request, ledger.HEADER_SENT_AT), _header(request, ledger.HEADER_ATTEMPT_SENT_AT), None,
                 None, now, now, getattr(request, "retries", 0) or 0, type(exception).__name__,
-                _header(request, ledger.HEADER_INTENDED_AT), _hostname])
+                _header(request, ledger.HEADER_INTENDED_AT), _hostname, *_lineage(request, task_id)])
+
+
+def _lineage(request, task_id) -> tuple:
+    """(parent_id, root_id) of the task a request runs, as the ledger records carry them (see ``ledger.SENT``)."""
+    parent_id, root_id = getattr(request, "parent_id", None), getattr(request, "root_id", None)
+    return parent_id, (root_id if root_id != task_id else None)
 
 
 def _header(request, name):
@@ -98,7 +106,7 @@ def _postrun(arguments):
     started_at, exc_type = _inflight.pop(task_id, (None, None))
     request = task_signals.request_of(arguments)
     body_done_at = getattr(_local, "body_done_at", None) or finished_at
-    eta = request.eta
+    eta, root_id = request.eta, request.root_id
     if eta is not None and not isinstance(eta, (int, float)):
         try:
             from datetime import datetime
@@ -109,7 +117,7 @@ def _postrun(arguments):
     _sink.push([ledger.ATTEMPT, task_id, task.name, state, _header(request, ledger.HEADER_SENT_AT),
                 _header(request, ledger.HEADER_ATTEMPT_SENT_AT), eta, started_at, body_done_at, finished_at,
                 request.retries or 0, exc_type, _header(request, ledger.HEADER_INTENDED_AT),
-                request.hostname or _hostname])
+                request.hostname or _hostname, request.parent_id, root_id if root_id != task_id else None])
 
 
 def _revoked(arguments):
@@ -118,4 +126,5 @@ def _revoked(arguments):
         return
     now = time.time()
     _sink.push([ledger.ATTEMPT, request.id, getattr(request, "name", None),
-                "REVOKED", None, None, None, None, now, now, 0, "Revoked", None, _hostname])
+                "REVOKED", None, None, None, None, now, now, 0, "Revoked", None, _hostname,
+                *_lineage(request, request.id)])

@@ -103,6 +103,8 @@ class Tasks(Section):
     pending_at_end: int = count("Tasks not terminal when the load stopped")
     duplicates: int = count("Tasks that ran again after they had finished (redeliveries)", default=0)
     reconciled: int = count("Tasks the result backend reported finished after the drain", default=0)
+    children: int = count("Of the submitted tasks, those another task published (a chain's later links, a group or "
+                          "chord a task started, .delay() in a task): counted once, like any other", default=0)
 
 
 class Throughput(Section):
@@ -354,6 +356,23 @@ class Arrivals(Section):
     truncated: bool = Field(description=f"Only the first {ARRIVALS_KEPT} sends were kept")
 
 
+class WorkflowStats(Section):
+    """Finished workflows: a root task and every task published under it (Celery's root_id), more than one task."""
+    count: int = count("Workflows whose every task reached a terminal state")
+    tasks_per_workflow: dict[str, int] = _figure("count", "Tasks in a workflow (the root included) -> workflows")
+    tasks_mean: float = _figure("count", "Mean tasks per workflow, the root included", ge=0)
+    end_to_end_ms: LatencyMs = Field(description="The root's first publish until the last of its workflow's tasks "
+                                                 "finished (result stored)")
+
+
+class Workflows(WorkflowStats):
+    """Tasks that started other tasks (chain, group, chord, .delay() in a task), over all roots."""
+    unfinished: int = count("Workflows with a task not terminal when the report was made (lost, or its root's "
+                            "records never came)")
+    by_root: dict[str, WorkflowStats] = Field(description="Per root task name")
+    children_by_task: dict[str, int] = _figure("count", "Task name -> its tasks that another task published")
+
+
 class AuditedTask(Section):
     id: str
     task: str | None
@@ -502,6 +521,7 @@ class Report(Section):
     serialization: list[SerializationRow]
     locust: Locust
     drain: Drain | None = None
+    workflows: Workflows | None = Field(None, description="Present when a task published another")
     failed_tasks: list[FailedTask] | None = Field(None, description="Every task that failed for good (the first "
                                                                    "1000), with its exception and attempts")
     steady: Steady | None = None

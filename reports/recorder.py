@@ -113,6 +113,46 @@ class Bucket:
             self.queue_depth, self.queue_depth_at = depth, at
 
 
+@dataclass
+class Workflow:
+    """An open workflow: a root task and the tasks published under it (Celery's ``root_id``)."""
+    root_name: str | None
+    start: float | None  # the earliest send time of its tasks: the root's first publish once the root's is known
+    tasks: int = 1       # the root counts when it is known or still to come
+    open: int = 1        # its tasks not yet terminal
+    last: float | None = None  # the latest finish of its tasks
+
+    def root_sent(self, name: str | None, sent_at: float | None) -> None:
+        self.root_name = self.root_name or name
+        if sent_at is not None and (self.start is None or sent_at < self.start):
+            self.start = sent_at
+
+
+@dataclass
+class WorkflowFigures:
+    """The finished workflows of one root task name."""
+    count: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # tasks in the workflow -> workflows
+    end_to_end: HdrHistogram = field(default_factory=new_histogram)
+
+    def add(self, tasks: int, end_to_end_s: float | None) -> None:
+        self.count += 1
+        self.sizes[tasks] = self.sizes.get(tasks, 0) + 1
+        record_seconds(self.end_to_end, end_to_end_s)
+
+    def merge(self, other: "WorkflowFigures") -> None:
+        self.count += other.count
+        for size, n in other.sizes.items():
+            self.sizes[size] = self.sizes.get(size, 0) + n
+        self.end_to_end.add(other.end_to_end)
+
+    def stats(self) -> dict:
+        tasks = sum(size * n for size, n in self.sizes.items())
+        return {"count": self.count, "tasks_per_workflow": {str(k): v for k, v in sorted(self.sizes.items())},
+                "tasks_mean": round(tasks / self.count, 3) if self.count else 0.0,
+                "end_to_end_ms": histogram_stats_ms(self.end_to_end)}
+
+
 class TimeSeries:
     """Per-interval counts and end-to-end percentiles; interval doubles when there would be too many buckets."""
 
@@ -218,7 +258,7 @@ class Recorder:
         self.backoff_by_retry: dict[int, HdrHistogram] = {}  # retry number (1 = first retry) -> observed delay
         self.first_publish_to_success = new_histogram()
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0, "revoked": 0, "rejected": 0, "retried": 0,
-                       "duplicates": 0, "reconciled": 0}
+                       "duplicates": 0, "reconciled": 0, "children": 0}
         self.attempts: dict[int, int] = {}
         self.exhausted = 0
         self.tasks_retried = 0
@@ -248,6 +288,12 @@ class Recorder:
         # needs the whole distribution, long retry chains that outlive the window above all)
         self.in_system_moments = [0, 0.0, 0.0, 0.0]
         self.terminal_log: list[tuple[str, str, str, float]] = []  # (id, task, state, finished_at) for the audit
+        # workflows (tasks that tasks published: chain, group, chord, .delay() in a task), only while open: root id ->
+        # its workflow, and each of its tasks not yet terminal -> root id. Finished ones leave their figures below.
+        self.workflows: dict[str, Workflow] = {}
+        self.members: dict[str, str] = {}
+        self.children_by_task: dict[str, int] = {}  # task name -> tasks of it another task published
+        self.workflow_by_root: dict[str, WorkflowFigures] = {}  # root task name -> its finished workflows
         self._client = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -302,9 +348,9 @@ class Recorder:
         self.records += 1
         kind = record[0]
         if kind == ledger.SENT:
-            self._sent(*record[1:6])
+            self._sent(*record[1:8])
         elif kind == ledger.ATTEMPT:
-            self._attempt(*record[1:14])
+            self._attempt(*record[1:16])
 
     def _series(self, ts: float) -> Bucket:
         if self.series is None:
@@ -324,17 +370,78 @@ class Recorder:
             else:
                 self.series.at(at).observe_queue_depth(at, int(depth))
 
-    def _sent(self, task_id, name, sent_at, publish_s, intended_at=None) -> None:
+    def _sent(self, task_id, name, sent_at, publish_s, intended_at=None, parent_id=None, root_id=None) -> None:
         self.counts["submitted"] += 1
         if self.first_sent_at is None or sent_at < self.first_sent_at:
             self.first_sent_at = sent_at
         record_seconds(self.histograms["publish"], publish_s)
         self._count_sent(sent_at)
+        if root_id is not None:
+            if task_id not in self.members:  # else it joined when its result beat this record
+                self._join(task_id, name, sent_at, parent_id, root_id)
+        elif task_id in self.workflows:  # a root whose tasks came first: its send time starts the workflow
+            self.workflows[task_id].root_sent(name, sent_at)
         early = self.early.pop(task_id, None)
         if early is not None:
             self._terminal(*early)
         else:
             self.pending[task_id] = (name, sent_at)
+
+    def _join(self, task_id, name, sent_at, parent_id, root_id) -> None:
+        """``task_id`` belongs to the workflow of ``root_id`` (a child when ``parent_id``, another task published it).
+        The root is usually in flight (it publishes its first tasks while it runs); its own records can come after
+        its tasks' (other processes write them), and then it still counts as an open task of the workflow."""
+        workflow = self.workflows.get(root_id)
+        if workflow is None:
+            root = self.pending.get(root_id)
+            early = self.early.get(root_id) if root is None else None
+            if root is not None:
+                workflow = Workflow(root[0], root[1])
+            elif early is not None:  # finished, its SENT yet to come: it ends when that comes (or is adopted)
+                workflow = Workflow(early[1], early[3])
+            elif root_id in self.recent_terminal:  # finished and accounted before this task was seen
+                workflow = Workflow(None, None, open=0)
+            else:  # its records are yet to come
+                workflow = Workflow(None, None)
+            self.workflows[root_id] = workflow
+        workflow.tasks += 1
+        workflow.open += 1
+        if sent_at is not None and (workflow.start is None or sent_at < workflow.start):
+            workflow.start = sent_at
+        self.members[task_id] = root_id
+        if parent_id is not None:
+            self.counts["children"] += 1
+            short = short_name(name) if name else "?"
+            self.children_by_task[short] = self.children_by_task.get(short, 0) + 1
+
+    def _workflow_task_done(self, root_id: str, finished_at: float) -> None:
+        workflow = self.workflows.get(root_id)
+        if workflow is None:  # a task given a root_id of its own making, already closed as a root: nothing to add
+            return
+        workflow.open -= 1
+        if workflow.last is None or finished_at > workflow.last:
+            workflow.last = finished_at
+        if workflow.open > 0:
+            return
+        del self.workflows[root_id]
+        name = short_name(workflow.root_name) if workflow.root_name else "?"
+        figures = self.workflow_by_root.get(name)
+        if figures is None:
+            figures = self.workflow_by_root[name] = WorkflowFigures()
+        end_to_end = max(0.0, workflow.last - workflow.start) if workflow.start is not None else None
+        figures.add(workflow.tasks, end_to_end)
+
+    def workflow_summary(self) -> dict | None:
+        """Workflows of more than one task (None when no task published another): how many finished, their tasks,
+        first publish to last finish, over all and per root task name; tasks other tasks published, per name."""
+        if not self.workflow_by_root and not self.workflows:
+            return None
+        total = WorkflowFigures()
+        for figures in self.workflow_by_root.values():
+            total.merge(figures)
+        return {**total.stats(), "unfinished": len(self.workflows),
+                "by_root": {name: figures.stats() for name, figures in sorted(self.workflow_by_root.items())},
+                "children_by_task": dict(sorted(self.children_by_task.items()))}
 
     def _count_sent(self, sent_at: float) -> None:
         bucket = self._series(sent_at)
@@ -346,7 +453,8 @@ class Recorder:
             self.sent_before_steady += 1
 
     def _attempt(self, task_id, name, state, sent_at, attempt_sent_at, eta, started_at, body_done_at,
-                 finished_at, retries, exc_type, intended_at=None, hostname=None) -> None:
+                 finished_at, retries, exc_type, intended_at=None, hostname=None, parent_id=None,
+                 root_id=None) -> None:
         if started_at is not None:
             queued_since = max(attempt_sent_at or sent_at or started_at, eta or 0)
             queue_wait_s = max(0.0, started_at - queued_since)
@@ -379,12 +487,21 @@ class Recorder:
             self.counts["duplicates"] += 1
         else:
             self.early[task_id] = list(args)
+            if root_id is not None and task_id not in self.members:  # it belongs to its workflow from now on
+                self._join(task_id, name, sent_at or finished_at, parent_id, root_id)
+            elif task_id in self.workflows:  # a root its tasks came before: its name and send time, in case its
+                self.workflows[task_id].root_sent(name, sent_at)  # SENT never comes (adopted)
 
     def _terminal(self, task_id, name, state, sent_at, finished_at, retries, exc_type, intended_at,
                   final_attempt: dict | None = None) -> None:
         entry = self.pending.pop(task_id, None)
         if sent_at is None and entry is not None:
             sent_at = entry[1]
+        root = self.members.pop(task_id, None)
+        if root is None and task_id in self.workflows:
+            root = task_id
+        if root is not None:
+            self._workflow_task_done(root, finished_at)
         self.recent_terminal[task_id] = None
         if len(self.recent_terminal) > RECENT_TERMINAL:
             self.recent_terminal.popitem(last=False)
@@ -622,7 +739,7 @@ class Recorder:
             tasks = {"submitted": c["submitted"], "succeeded": c["succeeded"], "failed": c["failed"],
                      "revoked": c["revoked"], "rejected": c["rejected"], "retried": c["retried"], "lost": lost,
                      "pending_at_end": self.pending_at_end if self.pending_at_end is not None else lost,
-                     "duplicates": c["duplicates"], "reconciled": c["reconciled"]}
+                     "duplicates": c["duplicates"], "reconciled": c["reconciled"], "children": c["children"]}
             span = None
             if self.first_sent_at is not None and self.last_finished_at is not None:
                 span = max(1e-9, self.last_finished_at - self.first_sent_at)
@@ -646,6 +763,7 @@ class Recorder:
                     "exceptions": dict(sorted(self.retry_exceptions.items())),
                     "chains": self.retry_chains[:50],
                 },
+                "workflows": self.workflow_summary(),
                 "lost_ids": list(self.pending)[:lost_ids_limit],
                 "failed": list(self.failed_for_good),
                 "steady": self._steady(),

@@ -277,6 +277,34 @@ def audit_sentence(audit: dict) -> str:
                else "") + ".")
 
 
+def _sizes(stats: dict) -> str:
+    """Tasks per workflow as "4" or "2–5" (the root included)."""
+    sizes = [int(k) for k in stats["tasks_per_workflow"]]
+    return "" if not sizes else str(sizes[0]) if len(sizes) == 1 else f"{min(sizes)}–{max(sizes)}"
+
+
+def workflow_rows(workflows: dict) -> list[list]:
+    """[root task, workflows, tasks per workflow, mean tasks, end-to-end p50, p95, p99, max ms] per root task name,
+    then all of them."""
+    rows = []
+    for name, stats in [*workflows["by_root"].items(), *([("all", workflows)] if len(workflows["by_root"]) > 1
+                                                          else [])]:
+        e2e = stats["end_to_end_ms"]
+        rows.append([name, stats["count"], _sizes(stats), stats["tasks_mean"], e2e["p50"], e2e["p95"], e2e["p99"],
+                     e2e["max"]])
+    return rows
+
+
+def workflows_sentence(workflows: dict, tasks: dict) -> str:
+    children = ", ".join(f"{name} {n:,}" for name, n in workflows["children_by_task"].items())
+    unfinished = (f"; {workflows['unfinished']:,} workflow(s) with a task that never finished are left out"
+                  if workflows["unfinished"] else "")
+    return (f"{workflows['count']:,} workflow(s) of more than one task: a task and every task published under it "
+            f"(chain, group, chord, .delay() in a task; Celery's root_id). {tasks.get('children', 0):,} of the "
+            f"{tasks['submitted']:,} submitted tasks were published by other tasks ({children}), each counted once"
+            f"{unfinished}. End to end: the root's first publish until the last task of the workflow finished.")
+
+
 def render_html(report: dict) -> str:
     tasks, lat, v = report["tasks"], report["latency_ms"], report.get("verdict", {"status": "pass", "problems": []})
     colour = VERDICT_COLOURS.get(v["status"], "#57606a")
@@ -293,11 +321,15 @@ def render_html(report: dict) -> str:
         s = extra["result_store"]
         phases.insert(3, [PHASE_LABELS["result_store"], s["count"], s["mean"], s["p50"], s["p90"], s["p95"], s["p99"],
                           s["max"]])
-    by_task = [[name, s["count"], s["mean"], s["p50"], s["p95"], s["p99"], s["max"]]
-               for name, s in extra.get("end_to_end_by_task", {}).items()]
+    workflows = report.get("workflows")
+    children = workflows["children_by_task"] if workflows else None
+    by_task = [[name, s["count"], *([children.get(name, 0)] if children is not None else []), s["mean"], s["p50"],
+                s["p95"], s["p99"], s["max"]] for name, s in extra.get("end_to_end_by_task", {}).items()]
     ledger_rows = [[k.replace("_", " "), tasks[k]] for k in
                    ("submitted", "succeeded", "failed", "revoked", "retried", "pending_at_end", "lost", "duplicates")
                    if k in tasks]
+    if tasks.get("children"):
+        ledger_rows.insert(1, ["of them published by tasks", tasks["children"]])
     retries = report["retries"]
     retry_rows = [["tasks retried", retries["tasks_retried"]], ["exhausted (failed after max retries)", retries["exhausted"]]]
     retry_rows += [[f"finished after {k} attempt(s)", n] for k, n in retries["attempts"].items()]
@@ -358,7 +390,13 @@ def render_html(report: dict) -> str:
                          if audit_rows else "") + "</section>")
     if by_task:
         sections.append("<section><h2>End-to-end latency by task (ms)</h2>" +
-                        _table(["task", "count", "mean", "p50", "p95", "p99", "max"], by_task) + "</section>")
+                        _table(["task", "count", *(["published by a task"] if children is not None else []), "mean",
+                                "p50", "p95", "p99", "max"], by_task) + "</section>")
+    if workflows:
+        sections.append("<section><h2>Workflows (tasks that started tasks)</h2>"
+                        f"<p>{html.escape(workflows_sentence(workflows, tasks))}</p>" +
+                        _table(["root task", "workflows", "tasks each", "mean tasks", "end-to-end p50 ms", "p95 ms",
+                                "p99 ms", "max ms"], workflow_rows(workflows)) + "</section>")
     retry_html = "<section><h2>Retries</h2>" + _table(["", "value"], retry_rows)
     if backoff_rows:
         retry_html += ("<h3>Observed backoff against the policy</h3>" +
@@ -584,6 +622,15 @@ def render_markdown(report: dict) -> str:
     for p in REPORT_PHASES:
         s = lat[p]
         lines.append(f"| {PHASE_LABELS[p]} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['max']:.2f} |")
+    workflows = report.get("workflows")
+    if workflows:
+        lines += ["", "| workflow (root task) | count | tasks each | end-to-end p50 ms | p95 ms | max ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {n:,} | {sizes} | {p50:.2f} | {p95:.2f} | {top:.2f} |"
+                  for name, n, sizes, _mean, p50, p95, _p99, top in workflow_rows(workflows)]
+        lines += ["", f"{tasks.get('children', 0):,} of the submitted tasks were published by other tasks"
+                      + (f"; {workflows['unfinished']:,} workflow(s) did not finish" if workflows["unfinished"]
+                         else "") + "."]
     if v["problems"]:
         lines += ["", "Problems: " + "; ".join(v["problems"]) + "."]
     if v.get("notes"):

@@ -104,6 +104,7 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "serialization": [],
         "locust": locust,
         "drain": {"completed": drained, "lost_ids": recorded["lost_ids"]},
+        "workflows": recorded.get("workflows"),
         "failed_tasks": recorded.get("failed", []),
         "steady": recorded.get("steady"),
         "timeseries": recorded["timeseries"],

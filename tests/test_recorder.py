@@ -229,3 +229,113 @@ def test_the_arrival_process_tells_bursts_from_poisson_arrivals():
     assert bursts["interarrival_cv"] > 2.5 and bursts["peak_per_slot"] == 10, bursts  # a whole burst in one slot
     assert 0.9 < random_["interarrival_cv"] < 1.1, random_
     assert abs(bursts["mean_per_slot"] - 8) < 0.01 and abs(random_["mean_per_slot"] - 8) < 0.5
+
+
+def _child_sent(r, task_id, sent_at, parent, root, name="app.step"):
+    r.handle([ledger.SENT, task_id, name, sent_at, 0.001, None, parent, root])
+
+
+def _child_done(r, task_id, sent_at, started, done, parent, root, name="app.step"):
+    r.handle([ledger.ATTEMPT, task_id, name, "SUCCESS", sent_at, sent_at, None, started, done, done + 0.0001, 0,
+              None, None, "w1", parent, root])
+
+
+def test_a_chain_and_a_group_are_accounted_as_workflows_from_the_roots_first_publish():
+    r = _recorder()
+    # chain root -> c1 -> c2: each link is published by the previous one while it runs, before its own result
+    _sent(r, "root", 100.0, name="app.start_chain")
+    _child_sent(r, "c1", 100.05, "root", "root")
+    _attempt(r, "root", "SUCCESS", 100.0, 100.01, 100.06, name="app.start_chain")
+    _child_sent(r, "c2", 100.3, "c1", "root")
+    _child_done(r, "c1", 100.05, 100.06, 100.3, "root", "root")
+    assert r.summary()["workflows"]["count"] == 0  # c2 still runs: the workflow is open
+    _child_done(r, "c2", 100.3, 100.31, 100.6, "c1", "root")
+    # a group of three leaves a task started, finishing one after the other
+    _sent(r, "g", 200.0, name="app.start_group")
+    for i in range(3):
+        _child_sent(r, f"g{i}", 200.01, "g", "g", name="app.leaf")
+    _attempt(r, "g", "SUCCESS", 200.0, 200.005, 200.02, name="app.start_group")
+    for i in range(3):
+        _child_done(r, f"g{i}", 200.01, 200.02, 200.1 + i * 0.1, "g", "g", name="app.leaf")
+    # a task of its own: no workflow
+    _sent(r, "solo", 300.0)
+    _attempt(r, "solo", "SUCCESS", 300.0, 300.01, 300.02)
+    s = r.summary()
+    assert s["tasks"]["submitted"] == 8 and s["tasks"]["succeeded"] == 8 and s["tasks"]["lost"] == 0
+    assert s["tasks"]["children"] == 5
+    w = s["workflows"]
+    assert w["count"] == 2 and w["unfinished"] == 0 and w["tasks_per_workflow"] == {"3": 1, "4": 1}
+    chain, group = w["by_root"]["app.start_chain"], w["by_root"]["app.start_group"]
+    assert chain["count"] == 1 and chain["tasks_per_workflow"] == {"3": 1}
+    assert chain["end_to_end_ms"]["max"] == pytest.approx(600.1, rel=0.002)  # root sent 100.0 -> c2 stored 100.6001
+    assert group["tasks_per_workflow"] == {"4": 1}
+    assert group["end_to_end_ms"]["max"] == pytest.approx(300.1, rel=0.002)
+    assert w["children_by_task"] == {"app.leaf": 3, "app.step": 2}
+    assert not r.workflows and not r.members  # finished workflows leave nothing behind
+
+
+def test_a_workflow_whose_roots_records_come_last_is_not_closed_early():
+    r = _recorder()
+    # the worker's stream (the root's result, its child's send and result) beats the producer's SENT of the root
+    _child_sent(r, "k", 10.2, "root", "root")
+    _child_done(r, "k", 10.2, 10.21, 10.3, "root", "root")
+    early = r.summary()["workflows"]
+    assert early["count"] == 0 and early["unfinished"] == 1  # the root is still to come: not finished
+    _attempt(r, "root", "SUCCESS", 10.0, 10.1, 10.25, name="app.spawn")
+    _sent(r, "root", 10.0, name="app.spawn")
+    w = r.summary()["workflows"]
+    assert w["count"] == 1 and w["unfinished"] == 0 and w["by_root"]["app.spawn"]["tasks_per_workflow"] == {"2": 1}
+    assert w["end_to_end_ms"]["max"] == pytest.approx(300.1, rel=0.002)  # from the root's send, not the child's
+    assert r.summary()["tasks"]["submitted"] == 2
+
+
+def test_a_root_that_finished_before_its_sent_came_still_opens_its_workflow():
+    r = _recorder()
+    _attempt(r, "root", "SUCCESS", 5.0, 5.01, 5.05, name="app.spawn")  # early: its SENT not here yet
+    _child_sent(r, "k", 5.02, "root", "root")
+    _child_done(r, "k", 5.02, 5.03, 5.5, "root", "root")
+    assert r.summary()["workflows"]["count"] == 0
+    _sent(r, "root", 5.0, name="app.spawn")
+    w = r.summary()["workflows"]
+    assert w["count"] == 1 and w["end_to_end_ms"]["max"] == pytest.approx(500.1, rel=0.002)
+
+
+def test_an_adopted_child_joins_its_workflow_and_a_lost_one_leaves_it_unfinished():
+    r = _recorder()
+    _sent(r, "root", 1.0, name="app.start")
+    _child_sent(r, "lost", 1.01, "root", "root")
+    _child_done(r, "orphan", 1.02, 1.03, 1.2, "root", "root")  # its SENT never comes (the producer died)
+    _attempt(r, "root", "SUCCESS", 1.0, 1.005, 1.03, name="app.start")
+    _sent(r, "root2", 2.0, name="app.start")
+    _child_done(r, "orphan2", 2.01, 2.02, 2.4, "root2", "root2")
+    _attempt(r, "root2", "SUCCESS", 2.0, 2.005, 2.05, name="app.start")
+    r.adopt_orphans()
+    s = r.summary()
+    assert s["tasks"]["submitted"] == 5 and s["tasks"]["succeeded"] == 4 and s["tasks"]["lost"] == 1
+    assert s["tasks"]["children"] == 3
+    w = s["workflows"]
+    assert w["count"] == 1 and w["unfinished"] == 1
+    assert w["by_root"]["app.start"]["tasks_per_workflow"] == {"2": 1}
+    assert w["end_to_end_ms"]["max"] == pytest.approx(400.1, rel=0.002)
+
+
+def test_tasks_of_their_own_make_no_workflows_section():
+    r = _recorder()
+    for i in range(3):
+        _sent(r, str(i), 1.0)
+        _attempt(r, str(i), "SUCCESS", 1.0, 1.01, 1.02)
+    s = r.summary()
+    assert s["workflows"] is None and s["tasks"]["children"] == 0
+
+
+def test_a_root_whose_sent_never_comes_is_adopted_with_its_name_and_send_time():
+    r = _recorder()
+    _child_sent(r, "k", 7.1, "root", "root")
+    _child_done(r, "k", 7.1, 7.11, 7.2, "root", "root")
+    _attempt(r, "root", "SUCCESS", 7.0, 7.05, 7.15, name="app.spawn")  # the producer died before its SENT
+    r.adopt_orphans()
+    s = r.summary()
+    assert s["tasks"]["submitted"] == 2 and s["tasks"]["succeeded"] == 2 and s["tasks"]["lost"] == 0
+    w = s["workflows"]
+    assert list(w["by_root"]) == ["app.spawn"] and w["count"] == 1 and w["unfinished"] == 0
+    assert w["end_to_end_ms"]["max"] == pytest.approx(200.1, rel=0.002)  # from the send time its headers carried

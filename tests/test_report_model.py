@@ -18,7 +18,7 @@ from tests.conftest import LOADLAB
 
 
 def _report() -> dict:
-    """A report built by the real builder from a recorder fed one task that retried once."""
+    """A report built by the real builder from a recorder fed one task that retried once and published a child."""
     recorder = Recorder("redis://127.0.0.1:1/0", "model-test", max_retries=3)
     from loadlab.exporters import ledger
 
@@ -26,6 +26,9 @@ def _report() -> dict:
     recorder.handle([ledger.SENT, "a" * 32, "loadlab.flaky", t0, 0.001, None])
     recorder.handle([ledger.ATTEMPT, "a" * 32, "loadlab.flaky", "RETRY", t0, t0, None, t0 + 0.01, t0 + 0.02,
                      t0 + 0.021, 0, "FlakyError", None, "w1"])
+    recorder.handle([ledger.SENT, "b" * 32, "loadlab.noop", t0 + 1.015, 0.001, None, "a" * 32, "a" * 32])
+    recorder.handle([ledger.ATTEMPT, "b" * 32, "loadlab.noop", "SUCCESS", t0 + 1.015, t0 + 1.015, None, t0 + 1.02,
+                     t0 + 1.03, t0 + 1.031, 0, None, None, "w1", "a" * 32, "a" * 32])
     recorder.handle([ledger.ATTEMPT, "a" * 32, "loadlab.flaky", "SUCCESS", t0, t0 + 1.0, None, t0 + 1.01,
                      t0 + 1.02, t0 + 1.021, 1, None, None, "w1"])
     recorder.mark_load_stopped(t0 + 2)
@@ -47,6 +50,8 @@ def test_a_built_report_validates_against_model_and_schema():
     Report.model_validate(report)
     jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(report)
     assert report["tasks"]["retried"] == 1 and report["retries"]["chains"][0]["attempts"] == 2
+    assert report["tasks"]["children"] == 1
+    assert report["workflows"]["by_root"]["flaky"]["tasks_per_workflow"] == {"2": 1}
 
 
 @pytest.mark.parametrize("where", [(), ("tasks",), ("latency_ms", "end_to_end"), ("verdict",), ("drain",)])
