@@ -15,7 +15,7 @@ from locust.stats import StatsCSVFileWriter, stats_history
 from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.shapes import shape_for
-from loadlab.loadtests.users import build_user_classes
+from loadlab.loadtests.user_locustfile import run_user_classes
 from loadlab.stack.embedded import free_port
 from loadlab.stack.processes import Child
 
@@ -47,7 +47,7 @@ class LocustRun:
         if scenario.shape:
             shape = shape_for(scenario.shape, settings.users or scenario.users, settings.duration or scenario.duration_s,
                               settings.spawn_rate or scenario.spawn_rate)
-        self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=Events(),
+        self.environment = Environment(user_classes=run_user_classes(settings, scenario), events=Events(),
                                        shape_class=shape, host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None

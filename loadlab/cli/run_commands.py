@@ -13,11 +13,13 @@ from loadlab.cli.common import (
     STACK_FIELDS,
     UsageError,
     build_settings,
+    check_locustfile,
     check_queues_free,
     check_task_mix,
     console,
     install_stop_signals,
     int_list,
+    locustfile_options,
     patch_for_locust,
     preflight,
     run_dir_for,
@@ -36,6 +38,7 @@ from loadlab.reports.report import REPORT_FILE
 @stack_options
 @run_options
 @run_queue_options
+@locustfile_options
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
@@ -51,7 +54,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
-    settings = check_task_mix(settings)
+    settings = check_task_mix(check_locustfile(settings))
     rules = None
     if gates_file:
         rules = load_gate_rules(gates_file, baseline)

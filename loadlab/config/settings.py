@@ -174,6 +174,8 @@ class Settings(BaseSettings):
                                           "(another worker, another app) already consumes one of its queues")
     tasks: str | None = Field(None, description="Task-mix YAML file of your app's tasks (`loadlab tasks` writes "
                               "one); replaces the scenario's mix")
+    locustfile: str | None = Field(None, description="Your own locustfile (its User classes subclass "
+                                   "loadlab.loadtests.api.CeleryUser), run in place of the scenario's users")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     trace_sample_ratio: float = Field(0.1, gt=0, le=1, description="Share of traces kept with --tracing sampled (parent-based)")
     otel_fast_paths: bool = Field(True, description="Tracing's fast paths beside the OpenTelemetry public API (each behind a probe of the installed version; off: the public API only)")
