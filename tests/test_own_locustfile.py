@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.conftest import LOADLAB, processes_mentioning
+from tests.conftest import LOADLAB, assert_refused_before_start
 
 LOCUSTFILES = {
     "missing": (None, ["is not a file"]),
@@ -30,20 +30,12 @@ def test_a_locustfile_that_cannot_run_is_refused_before_anything_starts(tmp_path
             path.write_text(text)
         words[name] = [f"--locustfile '{path.name}'", *expected]
         procs[name] = subprocess.Popen(
-            [LOADLAB, "run", "--locustfile", path.name, "--out", str(tmp_path / f"out-{name}")],
+            [LOADLAB, "run", "--locustfile", path.name, "--out", str(tmp_path / "out" / name)],
             cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     (tmp_path / "good.py").write_text(GOOD)
     (tmp_path / "mix.yml").write_text("tasks:\n  - name: loadlab.noop\n")
     procs["with-tasks"] = subprocess.Popen(
-        [LOADLAB, "run", "--locustfile", "good.py", "--tasks", "mix.yml", "--out", str(tmp_path / "out-with-tasks")],
+        [LOADLAB, "run", "--locustfile", "good.py", "--tasks", "mix.yml", "--out", str(tmp_path / "out" / "with-tasks")],
         cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     words["with-tasks"] = ["--tasks 'mix.yml'", "--locustfile 'good.py'", "give one of them"]
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        message = stderr.strip()
-        assert proc.returncode == 2, (name, stdout, stderr)
-        assert "Traceback" not in stdout + stderr and message.startswith("error: ") and "\n" not in message, message
-        for word in words[name]:
-            assert word in message, (name, word, message)
-        assert not (tmp_path / f"out-{name}").exists()  # refused before the run directory or any process
-    assert not processes_mentioning(str(tmp_path))
+    assert_refused_before_start(procs, words, tmp_path / "out")  # before the run directory or any process
