@@ -33,9 +33,11 @@ The contract (this module's names are stable; anything else under ``loadlab.*`` 
 - Locust's statistics get one ``publish <task name>`` request per publish (its time: the publish alone, a failure
   when it raised) and one ``end_to_end <task name>`` request per finished task (its time: first publish to the
   result stored, a failure when the task did not succeed), fired by the run's ledger: never wait on a result in a
-  user (``AsyncResult.get``) — it would stall the user and the ledger measures it anyway.
-- ``on_start`` and ``on_stop`` are Locust's; an ``on_stop`` of yours calls ``super().on_stop()`` (it gives the
-  user's connection back to the pool).
+  user (``AsyncResult.get``) — it would stall the user and the ledger measures it anyway. (loadlab's reference
+  tasks are named there without their ``loadlab.`` prefix.)
+- Listeners the locustfile adds to ``locust.events`` are called as under the ``locust`` command. ``on_start`` and
+  ``on_stop`` are Locust's; an ``on_stop`` of yours calls ``super().on_stop()`` (it gives the user's connection
+  back to the pool).
 - ``self.settings`` is the run's ``loadlab.config.settings.Settings`` and ``self.app`` the producing Celery app
   (your ``--app``, pointed at the run's broker and instrumented); both are set by the run, not by the locustfile.
 """

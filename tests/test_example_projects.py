@@ -9,10 +9,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LOADLAB, REPO, processes_mentioning, wait_until
+from loadlab.config.settings import Settings
+from loadlab.stack.embedded import free_port
+from loadlab.stack.supervisor import Stack
+from tests.conftest import LOADLAB, REPO, processes_mentioning, unique, wait_until
 
 EXAMPLES = REPO / "examples"
 
@@ -102,3 +107,41 @@ def test_fastapi_orders_locustfile_on_the_public_api(tmp_path, run_dir):
         # the ledger counts at least what the users published (a chain's steps come on top)
         assert by_task[name] >= published["requests"] and requests[f"end_to_end {name}"]["requests"] > 0
     assert report["locust"]["request_failures"] == 0
+
+
+def test_fastapi_orders_http_api_runs_an_orders_workflow(tmp_path, monkeypatch):
+    """The service's own HTTP side, against workers of its app on a loadlab stack: an order posted to the FastAPI app
+    runs its chain to the receipt."""
+    project = _project("fastapi_orders", tmp_path)
+    monkeypatch.chdir(project)  # the stack's workers import the app from the project's directory, as a user's would
+    settings = Settings.build(run_id=unique(), app="orders_api.celery:app", metrics="off")
+    with Stack(settings, tmp_path / "stack", api=False) as stack:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}
+        env.update(CELERY_BROKER_URL=stack.settings.broker, CELERY_RESULT_BACKEND=stack.settings.backend)
+        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "orders_api.main:api", "--port", str(port),
+                                "--log-level", "warning"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            def up():
+                try:
+                    return httpx.get(f"{base}/docs", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    assert api.poll() is None, api.stdout.read()
+                    return False
+
+            wait_until(up, 30, what="the orders API to answer")
+            placed = httpx.post(f"{base}/orders", json={"order_id": 5, "items": 2}, timeout=10)
+            assert placed.status_code == 202, placed.text
+            status_url = base + placed.json()["status_url"]
+            # order 5 meets a busy gateway twice (5 % 3): the charge is retried with backoff before the receipt
+            done = wait_until(lambda: (r := httpx.get(status_url, timeout=5).json())["state"] == "SUCCESS" and r,
+                              60, interval=0.2, what="the order's workflow to finish")
+            assert done["receipt"] == "receipt for order 5: 25.00 EUR"
+            refused = httpx.post(f"{base}/orders", json={"order_id": 0}, timeout=10)
+            assert refused.status_code == 422  # FastAPI's validation of the order
+        finally:
+            api.terminate()
+            api.wait(timeout=15)

@@ -2,6 +2,7 @@
 sentence naming the file and what to do, exit 2 (the example locustfile's run is in test_example_projects.py)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -39,3 +40,72 @@ def test_a_locustfile_that_cannot_run_is_refused_before_anything_starts(tmp_path
         cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     words["with-tasks"] = ["--tasks 'mix.yml'", "--locustfile 'good.py'", "give one of them"]
     assert_refused_before_start(procs, words, tmp_path / "out")  # before the run directory or any process
+
+
+EVENTS_LOCUSTFILE = '''
+from pathlib import Path
+
+from locust import constant, events, task
+
+from loadlab.loadtests.api import CeleryUser
+
+LOG = Path(__file__).with_name("events.log")
+
+
+def note(line):
+    with LOG.open("a") as handle:
+        handle.write(line + "\\n")
+
+
+@events.init.add_listener
+def on_init(environment, runner, **_):
+    note(f"init {type(runner).__name__}")
+
+
+@events.test_start.add_listener
+def on_test_start(environment, **_):
+    note("test_start")
+
+
+@events.test_stop.add_listener
+def on_test_stop(environment, **_):
+    note("test_stop")
+
+
+@events.quitting.add_listener
+def on_quitting(environment, **_):
+    note("quitting")
+
+
+class Pinger(CeleryUser):
+    wait_time = constant(0.1)
+
+    def on_start(self):
+        note(f"on_start {self.settings.run_id != 'adhoc'} {type(self.app).__name__}")
+
+    @task
+    def ping(self):
+        task_id = self.publish("loadlab.noop", queue=self.settings.queue, priority=1)
+        assert task_id
+'''
+
+
+def test_a_locustfiles_event_listeners_and_users_see_the_run(tmp_path, run_dir):
+    """Listeners on Locust's module-level events are called as under the locust command, a user has the run's
+    settings and app, and what it publishes is in the ledger and Locust's statistics."""
+    (tmp_path / "pinger.py").write_text(EVENTS_LOCUSTFILE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_")}
+    result = subprocess.run([LOADLAB, "run", "--locustfile", "pinger.py", "--users", "2", "--duration", "3s",
+                             "--out", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = (tmp_path / "events.log").read_text().splitlines()
+    assert lines[0] == "init LocalRunner" and lines[1] == "test_start" and lines[-2:] == ["test_stop", "quitting"]
+    assert lines[2:-2] == ["on_start True Celery"] * 2, lines
+    report = json.loads((run_dir / "report.json").read_text())
+    tasks = report["tasks"]
+    assert tasks["submitted"] > 0 and tasks["lost"] == 0 and tasks["submitted"] == tasks["succeeded"]
+    requests = {row["name"]: row for row in report["locust"]["by_request"]}
+    assert requests["publish noop"]["failures"] == 0
+    assert 0 < requests["publish noop"]["requests"] <= tasks["submitted"]
+    assert requests["end_to_end noop"]["requests"] > 0
