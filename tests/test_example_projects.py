@@ -28,10 +28,10 @@ def _project(name: str, tmp_path):
     return project
 
 
-def _run(project, run_dir, *args) -> dict:
+def _run(project, run_dir, *args, env: dict | None = None) -> dict:
     """``loadlab run --duration 8s`` from the project's directory, as a user's shell has it (no LOADLAB_* variable,
-    no PYTHONPATH); the report, after checking that its ledger adds up and nothing was lost."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}
+    no PYTHONPATH; ``env`` on top); the report, after checking that its ledger adds up and nothing was lost."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}, **(env or {})}
     result = subprocess.run([LOADLAB, "run", *args, "--duration", "8s", "--out", str(run_dir)], cwd=project, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -92,8 +92,13 @@ def _assert_retries_and_chains(report, run_dir) -> dict:
 
 def test_fastapi_orders_task_mix_counts_retries_and_runs_its_chains(tmp_path, run_dir):
     project = _project("fastapi_orders", tmp_path)
-    report = _run(project, run_dir, "--app", "orders_api.celery:app", "--tasks", "tasks.yml")
+    # the service's container environment, which Celery reads before any configuration: the run still uses its own
+    service_env = {"CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/1"}
+    report = _run(project, run_dir, "--app", "orders_api.celery:app", "--tasks", "tasks.yml", env=service_env)
     _assert_retries_and_chains(report, run_dir)
+    replaced = report["app_config"]["replaced"]
+    assert replaced["broker_url"]["app"] == service_env["CELERY_BROKER_URL"]
+    assert replaced["result_backend"]["app"] == service_env["CELERY_RESULT_BACKEND"]
 
 
 def test_fastapi_orders_locustfile_on_the_public_api(tmp_path, run_dir):

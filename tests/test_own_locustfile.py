@@ -92,9 +92,11 @@ class Pinger(CeleryUser):
 
 def test_a_locustfiles_event_listeners_and_users_see_the_run(tmp_path, run_dir):
     """Listeners on Locust's module-level events are called as under the locust command, a user has the run's
-    settings and app, and what it publishes is in the ledger and Locust's statistics."""
+    settings and app, and what it publishes is in the ledger and Locust's statistics. A shell's CELERY_BROKER_URL
+    and CELERY_RESULT_BACKEND (which Celery reads before any configuration) do not take the run elsewhere."""
     (tmp_path / "pinger.py").write_text(EVENTS_LOCUSTFILE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_")},
+           "CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/1"}
     result = subprocess.run([LOADLAB, "run", "--locustfile", "pinger.py", "--users", "2", "--duration", "3s",
                              "--out", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=240)
