@@ -39,6 +39,11 @@ def test_a_locustfile_that_cannot_run_is_refused_before_anything_starts(tmp_path
         [LOADLAB, "run", "--locustfile", "good.py", "--tasks", "mix.yml", "--out", str(tmp_path / "out" / "with-tasks")],
         cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     words["with-tasks"] = ["--tasks 'mix.yml'", "--locustfile 'good.py'", "give one of them"]
+    for command in ("ui", "sweep", "serialization"):  # the variable, exported for `locust`, is not taken silently
+        procs[command] = subprocess.Popen([LOADLAB, command, "--out", str(tmp_path / "out" / command)], cwd=tmp_path,
+                                          env={**env, "LOADLAB_LOCUSTFILE": "good.py"}, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        words[command] = ["LOADLAB_LOCUSTFILE='good.py'", "`loadlab run` only", f"`loadlab {command}`"]
     assert_refused_before_start(procs, words, tmp_path / "out")  # before the run directory or any process
 
 
