@@ -52,10 +52,8 @@ def _import(path: Path, given: str):
 def locustfile_user_classes(settings: Settings) -> list[type[User]]:
     """The concrete Locust ``User`` classes of ``settings.locustfile`` (defined or imported there, as Locust finds
     them). Raises LocustfileError with the sentence."""
-    given = settings.locustfile
+    given = settings.locustfile  # a file: Settings checked it
     path = Path(given).resolve()
-    if not path.is_file():
-        raise LocustfileError(f"--locustfile {given!r} is not a file; give the path of your locustfile.")
     if settings.app:
         from loadlab.stack.app import import_user_app
 

@@ -285,6 +285,14 @@ class Settings(BaseSettings):
                              "module:attr` writes a first one).")
         return value or None
 
+    @field_validator("locustfile")
+    @classmethod
+    def _locustfile_path(cls, value):
+        if value and not os.path.isfile(value):
+            raise ValueError(f"--locustfile {value!r} is not a file; use the path of your locustfile (its User "
+                             "classes subclass loadlab.loadtests.api.CeleryUser).")
+        return value or None
+
     @model_validator(mode="after")
     def _chaos_redelivers_within_the_drain(self):
         # Celery's 1 h default would turn every task a killed worker held into a loss before the drain ends
