@@ -277,20 +277,11 @@ class Settings(BaseSettings):
                                  "'_', '.', ':' or '-', separated by commas (e.g. celery,emails).")
         return ",".join(dict.fromkeys(names))
 
-    @field_validator("tasks")
+    @field_validator("tasks", "locustfile")
     @classmethod
-    def _task_mix_file(cls, value):
+    def _existing_file(cls, value, info):
         if value and not os.path.isfile(value):
-            raise ValueError(f"--tasks {value!r} is not a file; use a task-mix YAML file (`loadlab tasks --app "
-                             "module:attr` writes a first one).")
-        return value or None
-
-    @field_validator("locustfile")
-    @classmethod
-    def _locustfile_path(cls, value):
-        if value and not os.path.isfile(value):
-            raise ValueError(f"--locustfile {value!r} is not a file; use the path of your locustfile (its User "
-                             "classes subclass loadlab.loadtests.api.CeleryUser).")
+            raise ValueError(f"--{info.field_name} {value!r} is not a file; use {_FILE_WANTED[info.field_name]}.")
         return value or None
 
     @model_validator(mode="after")
@@ -382,6 +373,8 @@ class Settings(BaseSettings):
         return sorted({self.serializer, "json"})
 
 
+_FILE_WANTED = {"tasks": "a task-mix YAML file (`loadlab tasks --app module:attr` writes a first one)",
+                "locustfile": "the path of your locustfile (its User classes subclass loadlab.loadtests.api.CeleryUser)"}
 _PATTERN_HINTS = {"queue": "a queue name of 1 to 200 letters, digits, '_', '.', ':' or '-'"}
 _NOT_A_WHOLE_NUMBER = {"int_parsing", "int_type", "int_from_float", "int_parsing_size"}
 _NOT_A_NUMBER = {"float_parsing", "float_type"}
