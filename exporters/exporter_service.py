@@ -371,12 +371,13 @@ def exporter_app(settings):
     from celery import Celery
     from celery.utils.imports import symbol_by_name
 
-    from loadlab.config.celery_config import celery_config, use_stack_urls
+    from loadlab.config.celery_config import celery_config, pin_url_variables, use_stack_urls
 
     if settings.app:
         app = symbol_by_name(settings.app)
         use_stack_urls(app, settings)
         return app
+    pin_url_variables(settings.broker, settings.backend)
     app = Celery("loadlab-exporter", broker=settings.broker, set_as_current=False)
     config = celery_config(settings)
     app.conf.update({k: v for k, v in config.items() if k.startswith(("broker_", "accept_content", "event_"))})

@@ -31,6 +31,9 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
     if settings.tasks:  # the scenario gives users, rates and shape; the task mix what they publish
         console.print(f"loadlab run [bold]{scenario.name}[/] publishing the task mix {settings.tasks} of "
                       f"{settings.app or 'the reference app'}")
+    elif settings.locustfile:  # the scenario gives users, rates and shape; the locustfile's users what they publish
+        console.print(f"loadlab run [bold]{scenario.name}[/] with the users of {settings.locustfile} against "
+                      f"{settings.app or 'the reference app'}")
     else:
         console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:

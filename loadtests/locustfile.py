@@ -17,11 +17,11 @@ from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics
 from loadlab.loadtests.runner import completion_listener
 from loadlab.loadtests.scenarios import get_scenario
-from loadlab.loadtests.users import build_user_classes
+from loadlab.loadtests.user_locustfile import run_user_classes
 
 settings = Settings.from_env()
 scenario = get_scenario(settings.scenario)
-for _user_class in build_user_classes(settings, scenario):
+for _user_class in run_user_classes(settings, scenario):  # the scenario's, or those of LOADLAB_LOCUSTFILE
     globals()[_user_class.__name__] = _user_class  # Locust discovers module-level User classes
 del _user_class  # else Locust finds the last class twice
 _recorder = None

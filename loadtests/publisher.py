@@ -12,14 +12,15 @@ from kombu.exceptions import LimitExceeded
 
 
 class HeldProducerPublisher:
-    """One per user: ``send`` (``send_task``'s name, args, kwargs, headers and options) publishes through the held producer; ``release`` gives it back to the pool."""
+    """One per user: ``send`` (``send_task``'s name, args, kwargs, headers and options) publishes through the held
+    producer and returns the task id; ``release`` gives the producer back to the pool."""
 
     def __init__(self, app):
         self.app = app
         self._producer = None
         self._shared = False  # the pool had none to spare: publish through the pool each time
 
-    def send(self, name: str, args: tuple | list, kwargs: dict | None, headers: dict | None, **options) -> None:
+    def send(self, name: str, args: tuple | list, kwargs: dict | None, headers: dict | None, **options) -> str:
         producer = self._producer
         if producer is None and not self._shared:
             try:
@@ -27,7 +28,8 @@ class HeldProducerPublisher:
             except LimitExceeded:
                 self._shared = True
         try:
-            self.app.send_task(name, args=args, kwargs=kwargs, headers=headers, producer=producer, **options)
+            return self.app.send_task(name, args=args, kwargs=kwargs, headers=headers, producer=producer,
+                                      **options).id
         except Exception:
             self.release()  # the connection may be broken: the next publish takes a fresh producer
             raise

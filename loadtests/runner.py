@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import gevent
+from locust import events as locust_events
 from locust.env import Environment
 from locust.event import Events
 from locust.stats import StatsCSVFileWriter, stats_history
@@ -15,7 +16,7 @@ from locust.stats import StatsCSVFileWriter, stats_history
 from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.shapes import shape_for
-from loadlab.loadtests.users import build_user_classes
+from loadlab.loadtests.user_locustfile import run_user_classes
 from loadlab.stack.embedded import free_port
 from loadlab.stack.processes import Child
 
@@ -42,12 +43,14 @@ class LocustRun:
     def __init__(self, settings: Settings, scenario: Scenario, out_dir: Path):
         self.settings = settings
         self.scenario = scenario
-        # fresh event hooks per run: several runs in one process (sweeps) must not share listeners
         shape = None
         if scenario.shape:
             shape = shape_for(scenario.shape, settings.users or scenario.users, settings.duration or scenario.duration_s,
                               settings.spawn_rate or scenario.spawn_rate)
-        self.environment = Environment(user_classes=build_user_classes(settings, scenario), events=Events(),
+        # fresh event hooks per run: several runs in one process (sweeps) must not share listeners. A --locustfile
+        # (one run per process) has its listeners on Locust's module-level events, as under the locust command.
+        events = locust_events if settings.locustfile else Events()
+        self.environment = Environment(user_classes=run_user_classes(settings, scenario), events=events,
                                        shape_class=shape, host=settings.api_url, stop_timeout=STOP_TIMEOUT_S)
         self.out_dir = Path(out_dir)
         self.started_at: float | None = None
@@ -64,13 +67,16 @@ class LocustRun:
         return self.settings.duration or self.scenario.duration_s
 
     def _start_runner(self):
-        """A local runner, or a master with ``locust_workers`` worker processes running the same locustfile."""
+        """A local runner, or a master with ``locust_workers`` worker processes running the same locustfile; a
+        --locustfile's ``init`` listeners are told, as the locust command tells them."""
         env = self.environment
         count = self.settings.locust_workers
+        port = free_port() if count else None
+        runner = env.create_master_runner("127.0.0.1", port) if count else env.create_local_runner()
+        if self.settings.locustfile:
+            env.events.init.fire(environment=env, runner=runner, web_ui=None)
         if not count:
-            return env.create_local_runner()
-        port = free_port()
-        runner = env.create_master_runner("127.0.0.1", port)
+            return runner
         env.events.worker_report.add_listener(
             lambda client_id, data, **_: self._last_reports.__setitem__(client_id, time.monotonic()))
         log_dir = self.out_dir.parent / "logs"
@@ -124,6 +130,8 @@ class LocustRun:
             else:  # stop() lets users finish their task in the background: their last requests count too
                 runner.user_greenlets.join(timeout=STOP_TIMEOUT_S + 1)
             runner.quit()
+            if self.settings.locustfile:
+                env.events.quitting.fire(environment=env, reverse=True)
             self._stop_workers()
             gevent.killall(greenlets)
             writer.close_files()

@@ -1,45 +1,23 @@
-"""Locust users. ``CeleryUser`` publishes with ``send_task`` (the producer as a library) and fires a ``publish``
-request event; ``end_to_end`` events come from the run's recorder as tasks finish, so the task loop never blocks
-on results. ``ApiUser`` submits through the producer API and polls the status URL like an HTTP client would."""
+"""loadlab's own Locust users. ``MixUser`` and its variants publish a scenario's (or a task-mix file's) tasks through
+the public ``CeleryUser.publish`` (:mod:`loadlab.loadtests.api`: ``send_task``, the producer as a library, and a
+``publish`` request event; ``end_to_end`` events come from the run's recorder as tasks finish, so the task loop never
+blocks on results). ``ApiUser`` submits through the producer API and polls the status URL like an HTTP client
+would."""
 from __future__ import annotations
 
 import random
 import time
 
 import gevent
-from gevent.lock import Semaphore
 from locust import FastHttpUser, User, task
 
 from loadlab.config.settings import Settings
 from loadlab.exporters.ledger import HEADER_INTENDED_AT
+from loadlab.loadtests.api import CeleryUser
 from loadlab.loadtests.pacing import constant_throughput_random_phase, poisson_gap
-from loadlab.loadtests.publisher import HeldProducerPublisher
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.task_mix import MixTask, TaskMix, load_task_mix
 from loadlab.stack.tasks import TASK_ARGS, PayloadArgs, full_name
-
-_celery_apps: dict[int, object] = {}
-_celery_apps_lock = Semaphore()
-
-
-def celery_client(settings: Settings):
-    """One Celery app per Locust process and stack, created on first use (after any fork), with a connection pool
-    large enough for many greenlets publishing at once."""
-    key = id(settings)
-    app = _celery_apps.get(key)
-    if app is None:
-        # building the app yields to other greenlets: without the lock every user that starts meanwhile would
-        # build (and instrument) an app of its own
-        with _celery_apps_lock:
-            app = _celery_apps.get(key)
-            if app is None:
-                from loadlab.stack.app import make_app
-
-                app = make_app(settings)
-                app.conf.broker_pool_limit = max(64, (settings.users or 0) * 2)
-                _celery_apps[key] = app
-    return app
-
 
 class _Mix:
     def __init__(self, scenario: Scenario, task_mix: TaskMix | None = None):
@@ -51,50 +29,36 @@ class _Mix:
         self.weights = [c.weight for c in scenario.mix]
 
     def pick(self):
+        """(name, arguments spec) of the next submission: a task-mix entry, or a reference task's arguments."""
         return random.choices(self.choices, weights=self.weights, k=1)[0]
 
+    def next_publish(self) -> tuple[str, list | tuple, dict, dict]:
+        """``CeleryUser.publish``'s task name, args, kwargs and options for the next submission, made before the
+        publish is timed."""
+        name, spec = self.pick()
+        if isinstance(spec, MixTask):  # a task-mix entry: the app's own task under its registered name
+            args, kwargs = spec.arguments()
+            return name, args, kwargs, spec.options
+        return full_name(name), (), spec.call_kwargs(), {}
 
-class CeleryUser(User):
+
+class MixUser(CeleryUser):
+    """Publishes the scenario's mix (or the --tasks mix) through the public ``CeleryUser.publish``."""
+
     abstract = True
-    settings: Settings
     mix: _Mix
-
-    _publisher: HeldProducerPublisher | None = None
 
     @task
     def submit(self):
         self.submit_next()
 
-    def on_stop(self):
-        if self._publisher is not None:
-            self._publisher.release()
-
     def submit_next(self) -> None:
         """One submission; subclasses change what and when (the Locust task itself stays the same one)."""
-        name, args = self.mix.pick()
-        self.publish(name, args)
-
-    def publish(self, name, args, headers: dict | None = None) -> None:
-        publisher = self._publisher
-        if publisher is None:
-            publisher = self._publisher = HeldProducerPublisher(celery_client(self.settings))
-        # the arguments are made before the publish is timed
-        if isinstance(args, MixTask):  # a task-mix entry: the app's own task under its registered name
-            task_name, (positional, kwargs), options = name, args.arguments(), args.options
-        else:
-            task_name, positional, kwargs, options = full_name(name), (), args.call_kwargs(), {}
-        started = time.perf_counter()
-        exception = None
-        try:
-            publisher.send(task_name, positional, kwargs, headers, **options)
-        except Exception as exc:  # noqa: BLE001 - reported to Locust as a failed publish
-            exception = exc
-        self.environment.events.request.fire(
-            request_type="celery", name=f"publish {name}", response_time=(time.perf_counter() - started) * 1000,
-            response_length=0, exception=exception, context={})
+        name, args, kwargs, options = self.mix.next_publish()
+        self.publish(name, args, kwargs, **options)
 
 
-class OpenCeleryUser(CeleryUser):
+class OpenCeleryUser(MixUser):
     """Open model: each user publishes at Poisson arrivals (mean gap interval_s) whatever happened before. A late
     publish keeps its scheduled time in a header, and latency counts from there (coordinated omission corrected)."""
 
@@ -110,11 +74,11 @@ class OpenCeleryUser(CeleryUser):
     def submit_next(self) -> None:
         intended = self._next_intended
         self._next_intended += poisson_gap(self.interval_s)
-        name, args = self.mix.pick()
-        self.publish(name, args, headers={HEADER_INTENDED_AT: intended})
+        name, args, kwargs, options = self.mix.next_publish()
+        self.publish(name, args, kwargs, headers={HEADER_INTENDED_AT: intended}, **options)
 
 
-class StagedPayloadUser(CeleryUser):
+class StagedPayloadUser(MixUser):
     """Payload bodies step through sizes as the run goes on (payload-sweep)."""
 
     abstract = True
@@ -128,7 +92,8 @@ class StagedPayloadUser(CeleryUser):
         if cls._started_at is None:
             cls._started_at = time.time()
         index = min(len(self.stages) - 1, int((time.time() - cls._started_at) / self.stage_s))
-        self.publish("payload", PayloadArgs(size_bytes=self.stages[index], shape=self.shape))
+        arguments = PayloadArgs(size_bytes=self.stages[index], shape=self.shape).call_kwargs()
+        self.publish(full_name("payload"), kwargs=arguments)
 
 
 class ApiUser(FastHttpUser):
@@ -179,7 +144,7 @@ def build_user_classes(settings: Settings, scenario: Scenario, prefix: str = "")
             attrs.update(stages=scenario.payload_stages, stage_s=duration_s / len(scenario.payload_stages),
                          wait_time=constant_throughput_random_phase(rate))
         else:
-            base, attrs["wait_time"] = CeleryUser, constant_throughput_random_phase(rate)
+            base, attrs["wait_time"] = MixUser, constant_throughput_random_phase(rate)
         classes.append(type(f"{prefix}CeleryTaskUser", (base,), attrs))
     if api_weight and settings.api_url:
         classes.append(type(f"{prefix}ApiTaskUser", (ApiUser,), {

@@ -7,7 +7,7 @@ import sys
 from celery import Celery
 from celery.utils.imports import symbol_by_name
 
-from loadlab.config.celery_config import apply_over_app, celery_config
+from loadlab.config.celery_config import apply_over_app, celery_config, pin_url_variables
 from loadlab.config.settings import Settings, SettingsError
 from loadlab.exporters import ledger_hooks
 from loadlab.stack.tasks import register_tasks
@@ -51,6 +51,7 @@ def make_app(settings: Settings | None = None, role: str = "producer") -> Celery
         app = import_user_app(settings.app)
         apply_over_app(app, settings)  # the stack's URLs, and the loadlab settings given, over the app's own
     else:
+        pin_url_variables(settings.broker, settings.backend)
         app = Celery("loadlab", broker=settings.broker, backend=settings.backend, set_as_current=True)
         app.conf.update(celery_config(settings))
         register_tasks(app, settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from loadlab.config.celery_config import pin_url_variables
 from loadlab.config.settings import Settings, mask_url
 
 TIMEOUT_S = 3.0
@@ -141,6 +142,7 @@ def _amqp_consumer_counts(url: str, queues: list[str]) -> dict[str, int]:
 def _redis_workers_queues(url: str) -> dict[str, set[str]]:
     from celery import Celery
 
+    pin_url_variables(url, None)  # the run's broker (--broker), not a CELERY_BROKER_URL of the environment
     app = Celery("loadlab-preflight", broker=url, set_as_current=False)
     app.conf.update(accept_content=["json"], broker_connection_timeout=TIMEOUT_S, broker_connection_retry=False,
                     broker_connection_retry_on_startup=False)

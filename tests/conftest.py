@@ -112,6 +112,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
         time.sleep(interval)
 
 
+def assert_refused_before_start(procs: dict, words: dict, root: Path) -> None:
+    """Each CLI process in ``procs`` (name -> Popen with piped text output, run with ``--out root/name``) exited 2
+    with one sentence on stderr holding each of ``words[name]``, no traceback, no run directory and no process
+    left behind."""
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        message = stderr.strip()
+        assert proc.returncode == 2, (name, stdout, stderr)
+        assert "Traceback" not in stdout + stderr and message.startswith("error: ") and "\n" not in message, message
+        for word in words[name]:
+            assert word in message, (name, word, message)
+        assert not (root / name).exists()
+    assert not processes_mentioning(str(root))
+
+
 def run_cli(*args, timeout: float = 300, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run([LOADLAB, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
                           env={**os.environ, **(env or {})})

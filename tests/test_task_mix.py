@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from loadlab.loadtests.task_mix import IntRange, OneOf, TaskMixError, Text, check_against, parse_file, starting_file
-from tests.conftest import LOADLAB, processes_mentioning, run_cli, wait_until
+from tests.conftest import LOADLAB, assert_refused_before_start, processes_mentioning, run_cli, wait_until
 
 SHOP_APP = '''
 import random
@@ -212,15 +212,7 @@ def test_the_cli_refuses_bad_task_mix_files_before_anything_starts(tmp_path):
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     words = {**{name: w for name, (_t, w) in BAD_FILES.items()}, "no-app": ["--app 'shopapp.nowhere:app'",
                                                                           "cannot be imported"]}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        message = stderr.strip()
-        assert proc.returncode == 2, (name, stdout, stderr)
-        assert "Traceback" not in stdout + stderr and message.startswith("error: ") and "\n" not in message, message
-        for word in words[name]:
-            assert word in message, (name, word, message)
-        assert not (tmp_path / name).exists()
-    assert not processes_mentioning(str(tmp_path))
+    assert_refused_before_start(procs, words, tmp_path)
 
 
 def test_loadlab_tasks_lists_the_apps_tasks_and_writes_a_file_that_validates(tmp_path):

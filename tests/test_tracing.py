@@ -343,7 +343,7 @@ monkey.patch_all()
 import sys
 import gevent
 from celery import signals
-from loadlab.loadtests.users import celery_client
+from loadlab.loadtests.api import celery_client
 from loadlab.exporters import task_signals
 from loadlab.config.settings import Settings
 

@@ -418,7 +418,7 @@ ENDPOINT_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     sys.argv[1:] = []  # Locust's web UI parses sys.argv for its form's extra options
-    from loadlab.loadtests.users import celery_client
+    from loadlab.loadtests.api import celery_client
     from loadlab.loadtests.webui import CeleryMonitor, install_celery_tab, ui_environment
     from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
     from loadlab.config.settings import Settings

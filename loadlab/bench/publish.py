@@ -14,7 +14,8 @@ from locust.event import Events
 from loadlab.bench.verdict import paired_ratio, target_text
 from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario, TaskChoice
-from loadlab.loadtests.users import build_user_classes, celery_client
+from loadlab.loadtests.api import celery_client
+from loadlab.loadtests.users import build_user_classes
 from loadlab.stack.supervisor import Stack
 from loadlab.stack.tasks import full_name
 

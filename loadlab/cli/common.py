@@ -19,7 +19,7 @@ err_console = Console(stderr=True, highlight=False)
 INTERNAL_FIELDS = {"run_id", "ledger_url", "api_url", "run_dir", "explicit", "scenario", "duration", "users", "spawn_rate",
                    "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s", "progress_interval_s", "interrupted_drain_s", "prometheus",
                    # options of one command each, not of every stack command
-                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port", "tasks",
+                   "standalone_api_port", "exporter_port", "exporter_interval_s", "web_port", "tasks", "locustfile",
                    "allow_foreign_consumers"}
 RUN_FIELDS = ("duration", "users", "spawn_rate", "locust_workers", "warmup_s", "drain_timeout_s", "queue_sample_interval_s",
               "progress_interval_s", "interrupted_drain_s")
@@ -102,6 +102,30 @@ def check_task_mix(settings: Settings) -> Settings:
         return with_run_queues(settings, load_task_mix(settings))
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
+
+
+locustfile_options = settings_options(["locustfile"])
+
+
+def check_locustfile(settings: Settings, command: str = "run") -> Settings:
+    """The --locustfile imported and its User classes found before anything starts (exit 2 with the sentence); the
+    settings with its absolute path, so Locust worker processes find it too. Only ``loadlab run`` takes one: another
+    command given LOADLAB_LOCUSTFILE says so rather than run the scenario's users or the file's unchecked."""
+    if not settings.locustfile:
+        return settings
+    if command != "run":
+        raise UsageError(f"LOADLAB_LOCUSTFILE={settings.locustfile!r} is taken by `loadlab run` only; unset it for "
+                         f"`loadlab {command}`.")
+    if settings.tasks:
+        raise UsageError(f"--tasks {settings.tasks!r} and --locustfile {settings.locustfile!r} both say what to "
+                         "publish; give one of them (a locustfile publishes what its users publish).")
+    from loadlab.loadtests.user_locustfile import locustfile_user_classes
+
+    try:
+        locustfile_user_classes(settings)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    return settings.model_copy(update={"locustfile": str(Path(settings.locustfile).resolve())})
 
 
 def preflight(settings: Settings) -> None:

@@ -39,15 +39,15 @@ def _commands(group: click.Group, prefix: str):
 
 def render() -> str:
     from loadlab.cli.main import RUN_FIELDS, STACK_FIELDS, main
-    from loadlab.config.settings import Settings
-
     out = [BEGIN, "", "Stack options (`up`, `run`, `ui`, `api`, `exporter`, `sweep`, `serialization`, `bench publish`):", ""]
     out += _settings_table(STACK_FIELDS)
     out += ["", "Load options (`run`, `ui`, `sweep`, `serialization`):", ""]
     out += _settings_table(RUN_FIELDS)
     out += ["", "Options of each command beyond those:", ""]
+    shared = set(STACK_FIELDS) | set(RUN_FIELDS)
     for name, command in _commands(main, "loadlab"):
-        extra = [p for p in command.params if isinstance(p, click.Option) and p.name not in Settings.model_fields
+        # settings of one command each (--tasks, --locustfile, --web-port, …) are listed with that command
+        extra = [p for p in command.params if isinstance(p, click.Option) and p.name not in shared
                  and p.name != "help"]
         if not extra:
             continue

@@ -13,11 +13,13 @@ from loadlab.cli.common import (
     STACK_FIELDS,
     UsageError,
     build_settings,
+    check_locustfile,
     check_queues_free,
     check_task_mix,
     console,
     install_stop_signals,
     int_list,
+    locustfile_options,
     patch_for_locust,
     preflight,
     run_dir_for,
@@ -36,6 +38,7 @@ from loadlab.reports.report import REPORT_FILE
 @stack_options
 @run_options
 @run_queue_options
+@locustfile_options
 @click.option("--out", default=None, help="Run directory (default reports/runs/<UTC-timestamp>-<scenario>/)")
 @click.option("--gates", "gates_file", default=None, help="Gate rules YAML: evaluate after the run, exit 1 on failure")
 @click.option("--baseline", default=None, help="Run directory to compare max_regression rules against")
@@ -51,7 +54,7 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 
     settings = build_settings(scenario=scenario, prometheus=with_prometheus, **options)
     get_scenario(settings.scenario)
-    settings = check_task_mix(settings)
+    settings = check_task_mix(check_locustfile(settings))
     rules = None
     if gates_file:
         rules = load_gate_rules(gates_file, baseline)
@@ -86,7 +89,7 @@ def ui(scenario, out, **options):
 
     settings = build_settings(scenario=scenario, **options)
     get_scenario(settings.scenario)
-    settings = check_task_mix(settings)
+    settings = check_task_mix(check_locustfile(settings, "ui"))
     if not port_free(settings.web_port):
         raise UsageError(f"--web-port {settings.web_port} is in use on 127.0.0.1; give a free port.")
     preflight(settings)
@@ -126,7 +129,7 @@ def sweep(scenario, workers_list, concurrency_list, prefetch_list, pool_list, ou
     for pool in pools:
         build_settings(pool=pool)
     scenario_def = get_scenario(scenario)
-    settings = check_task_mix(build_settings(scenario=scenario, **options))
+    settings = check_task_mix(check_locustfile(build_settings(scenario=scenario, **options), "sweep"))
     if options.get("warmup_s") is None:  # default: the first quarter of each point's load is warm-up
         settings = settings.model_copy(update={"warmup_s": 0.25 * (settings.duration or scenario_def.duration_s)})
     preflight(settings)
@@ -189,7 +192,7 @@ def serialization(serializers, sizes, shapes, compressions, budget_s, inband_siz
     inband_list = int_list("--inband-sizes", inband_sizes) if inband_sizes.strip() else []
     shape_list = [v.strip() for v in shapes.split(",") if v.strip()]
     compression_list = [v.strip() for v in compressions.split(",")] if compressions else None
-    settings = build_settings(**options)
+    settings = check_locustfile(build_settings(**options), "serialization")
     for shape in shape_list or [shapes]:
         if shape not in matrix.SHAPES:
             raise UsageError(f"--shapes {shape!r} is not a payload shape; use one of {', '.join(matrix.SHAPES)}.")

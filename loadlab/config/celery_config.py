@@ -2,6 +2,8 @@
 process that talks to the broker without running tasks (the exporter service)."""
 from __future__ import annotations
 
+import os
+
 from loadlab.config.settings import Settings, mask_url
 
 
@@ -53,10 +55,22 @@ def restore_sweep_interval_s(settings: Settings) -> int:
 def use_stack_urls(app, settings: Settings) -> None:
     """Point a user's app (``--app``) at the stack's broker and result backend (the embedded ones unless
     --broker/--backend): with its own URLs the load would go where the harness does not watch."""
+    pin_url_variables(settings.broker, settings.backend)
     if settings.broker:
         app.conf.broker_url = settings.broker
     if settings.backend:
         app.conf.result_backend = settings.backend
+
+
+def pin_url_variables(broker: str | None, backend: str | None) -> None:
+    """Celery reads CELERY_BROKER_URL (and its READ/WRITE variants) and CELERY_RESULT_BACKEND from the environment
+    before any app's configuration: a user's shell or container that sets them would send loadlab's apps to that
+    broker. Where the environment has them, they are set to the run's URLs, in this process and the ones it
+    starts."""
+    for variable, url in (("CELERY_BROKER_URL", broker), ("CELERY_BROKER_READ_URL", broker),
+                          ("CELERY_BROKER_WRITE_URL", broker), ("CELERY_RESULT_BACKEND", backend)):
+        if url and variable in os.environ:
+            os.environ[variable] = url
 
 
 # A loadlab setting given explicitly -> the Celery settings it sets over a user's app (``--app``); a setting left at

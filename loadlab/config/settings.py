@@ -174,6 +174,8 @@ class Settings(BaseSettings):
                                           "(another worker, another app) already consumes one of its queues")
     tasks: str | None = Field(None, description="Task-mix YAML file of your app's tasks (`loadlab tasks` writes "
                               "one); replaces the scenario's mix")
+    locustfile: str | None = Field(None, description="Your own locustfile (its User classes subclass "
+                                   "loadlab.loadtests.api.CeleryUser), run in place of the scenario's users")
     tracing: Tracing = Field("off", description="OpenTelemetry tracing")
     trace_sample_ratio: float = Field(0.1, gt=0, le=1, description="Share of traces kept with --tracing sampled (parent-based)")
     otel_fast_paths: bool = Field(True, description="Tracing's fast paths beside the OpenTelemetry public API (each behind a probe of the installed version; off: the public API only)")
@@ -275,12 +277,11 @@ class Settings(BaseSettings):
                                  "'_', '.', ':' or '-', separated by commas (e.g. celery,emails).")
         return ",".join(dict.fromkeys(names))
 
-    @field_validator("tasks")
+    @field_validator("tasks", "locustfile")
     @classmethod
-    def _task_mix_file(cls, value):
+    def _existing_file(cls, value, info):
         if value and not os.path.isfile(value):
-            raise ValueError(f"--tasks {value!r} is not a file; use a task-mix YAML file (`loadlab tasks --app "
-                             "module:attr` writes a first one).")
+            raise ValueError(f"--{info.field_name} {value!r} is not a file; use {_FILE_WANTED[info.field_name]}.")
         return value or None
 
     @model_validator(mode="after")
@@ -372,6 +373,8 @@ class Settings(BaseSettings):
         return sorted({self.serializer, "json"})
 
 
+_FILE_WANTED = {"tasks": "a task-mix YAML file (`loadlab tasks --app module:attr` writes a first one)",
+                "locustfile": "the path of your locustfile (its User classes subclass loadlab.loadtests.api.CeleryUser)"}
 _PATTERN_HINTS = {"queue": "a queue name of 1 to 200 letters, digits, '_', '.', ':' or '-'"}
 _NOT_A_WHOLE_NUMBER = {"int_parsing", "int_type", "int_from_float", "int_parsing_size"}
 _NOT_A_NUMBER = {"float_parsing", "float_type"}
