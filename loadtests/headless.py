@@ -16,6 +16,7 @@ from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler
 from loadlab.loadtests.runner import LocustRun, completion_listener
 from loadlab.loadtests.scenarios import Scenario, get_scenario
 from loadlab.reports.recorder import Recorder
+from loadlab.stack.tasks import retry_limits
 from loadlab.reports.report import measured_serialization, serialization_totals, write_json
 from loadlab.reports.session import RunSession
 from loadlab.stack.supervisor import Stack, start_stack
@@ -61,7 +62,7 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
     for sentence in (app_config or {}).get("contradicted", ()):
         console.print(f"[yellow]note:[/] {sentence}")
     load = LocustRun(settings, scenario, run_dir / "locust")
-    recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+    recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=retry_limits(stack.app),
                         on_completion=loadgen_metrics.observe_completions(settings, completion_listener(load.environment)),
                         warmup_s=settings.warmup_s).start()
     loadgen_metrics.serve(settings, recorder)

@@ -25,6 +25,7 @@ for _user_class in run_user_classes(settings, scenario):  # the scenario's, or t
     globals()[_user_class.__name__] = _user_class  # Locust discovers module-level User classes
 del _user_class  # else Locust finds the last class twice
 _recorder = None
+_app = None
 _monitor = None
 _started_at = None
 
@@ -49,14 +50,26 @@ def _celery_tab(environment, web_ui=None, **_):
     install_celery_tab(environment, lambda: _recorder, _monitor)
 
 
+def _result_app():
+    """The run's app as the report reads it (each task's retry limit and policy; the result backend for tasks the
+    ledger did not see finish). It publishes no ledger records."""
+    global _app
+    if _app is None:
+        from loadlab.stack.app import make_app
+
+        _app = make_app(settings.model_copy(update={"ledger_url": None}))
+    return _app
+
+
 @events.test_start.add_listener
 def _follow_ledger(environment, **_):
     global _recorder, _started_at
     _started_at = time.time()
     if settings.ledger_url and not isinstance(environment.runner, WorkerRunner) and _recorder is None:
         from loadlab.reports.recorder import Recorder
+        from loadlab.stack.tasks import retry_limits
 
-        _recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+        _recorder = Recorder(settings.ledger_url, settings.run_id, max_retries=retry_limits(_result_app()),
                              on_completion=loadgen_metrics.observe_completions(
                                  settings, completion_listener(environment))).start()
         loadgen_metrics.serve(settings, _recorder)
@@ -78,11 +91,8 @@ def _write_report(environment, **_):
         return
     from loadlab.loadtests.runner import locust_section
     from loadlab.reports.session import RunSession
-    from loadlab.stack.app import make_app
-
     _recorder.mark_load_stopped(time.time())
     # the result backend answers for tasks the ledger did not see finish; this app publishes no ledger records
-    session = RunSession(settings, _recorder, make_app(settings.model_copy(update={"ledger_url": None})),
-                         Path(settings.run_dir), scenario.name)
+    session = RunSession(settings, _recorder, _result_app(), Path(settings.run_dir), scenario.name)
     session.drain()
     session.write(started_at=_started_at, locust=locust_section(environment), extra={})

@@ -72,6 +72,7 @@ from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
 from loadlab.loadtests.users import build_user_classes
 from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
+from loadlab.stack.tasks import retry_limits
 from loadlab.reports.session import RunSession
 
 TAB_KEY = "celery"
@@ -375,7 +376,8 @@ class WindowRecorder(Recorder):
 
     def __init__(self, windows: "SwarmWindows", settings: Settings,
                  on_completion: Callable[[str, str, float | None], None] | None = None):
-        super().__init__(settings.ledger_url, settings.run_id, max_retries=settings.retry_max_retries,
+        super().__init__(settings.ledger_url, settings.run_id,
+                         max_retries=retry_limits(windows.app) if windows.app is not None else settings.retry_max_retries,
                          on_completion=on_completion, warmup_s=settings.warmup_s)
         self._windows = windows
         self._records_seen = 0

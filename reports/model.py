@@ -169,6 +169,8 @@ class RetryPolicy(Section):
     backoff_factor_s: float | None = seconds(default=None)
     backoff_max_s: float | None = seconds(default=None)
     jitter: bool | None = None
+    delay_s: float | None = seconds("Countdown of every retry when there is no backoff (the task's "
+                                    "default_retry_delay)", default=None)
 
 
 class Retries(Section):
@@ -181,7 +183,11 @@ class Retries(Section):
     exceptions: dict[str, int] | None = _figure("count", "Exception type of a retried attempt -> attempts",
                                                 default=None)
     chains: list[RetryChain] | None = None
-    policy: RetryPolicy
+    policy: RetryPolicy = Field(description="The retry policy of the run's task that retries by itself (autoretry_for) "
+                                "when there is one such task (the reference mix's flaky); empty when there are "
+                                "several (see policies)")
+    policies: dict[str, RetryPolicy] | None = Field(None, description="Each task of the app that retries by itself "
+                                                    "(autoretry_for), by registered name")
 
 
 # --- serialization -----------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 from hdrh.histogram import HdrHistogram
 
@@ -244,10 +244,12 @@ class Recorder:
     """Consumes the ledger channel of one run. ``on_completion(task, state, end_to_end_s)`` is called for each task
     that reaches a terminal state (Locust uses it to fire its ``end_to_end`` request events)."""
 
-    def __init__(self, ledger_url: str, run_id: str, *, max_retries: int | None = None,
+    def __init__(self, ledger_url: str, run_id: str, *, max_retries: int | Mapping[str, int | None] | None = None,
                  on_completion: Callable[[str, str, float | None], None] | None = None, warmup_s: float = 0.0):
         self.ledger_url = ledger_url
         self.key = ledger.channel_key(run_id)
+        # a task that failed after this many retries used them up: one limit for every task, or each task's own
+        # by its registered name (``stack.tasks.retry_limits``: a user's app declares its own)
         self.max_retries = max_retries
         self.on_completion = on_completion
         self.histograms = {phase: new_histogram() for phase in PHASES}
@@ -554,7 +556,8 @@ class Recorder:
         chain = self.retrying.pop(task_id, None)
         if retries:
             self.tasks_retried += 1
-            if state == "FAILURE" and self.max_retries is not None and retries >= self.max_retries:
+            limit = self.max_retries.get(name) if isinstance(self.max_retries, Mapping) else self.max_retries
+            if state == "FAILURE" and limit is not None and retries >= limit:
                 self.exhausted += 1
             if state == "SUCCESS" and sent_at is not None:
                 record_seconds(self.first_publish_to_success, finished_at - sent_at)

@@ -334,7 +334,9 @@ def render_html(report: dict) -> str:
     retry_rows = [["tasks retried", retries["tasks_retried"]], ["exhausted (failed after max retries)", retries["exhausted"]]]
     retry_rows += [[f"finished after {k} attempt(s)", n] for k, n in retries["attempts"].items()]
     retry_rows += [[f"observed backoff {k}", f"{val:.3f} s"] for k, val in retries["backoff_observed_s"].items()]
-    policy = ", ".join(f"{k}={v}" for k, v in retries.get("policy", {}).items())
+    policy = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if v is not None)
+                       for name, p in retries["policies"].items()) if retries.get("policies") else \
+        ", ".join(f"{k}={v}" for k, v in retries.get("policy", {}).items())
     backoff_rows = _backoff_rows(retries)
     chain_rows = [[c["id"][:8], c["task"], c["attempts"], c["final_state"],
                    " → ".join(f"#{a['attempt']} {a.get('exception') or a.get('state')}" for a in c["chain"]),

@@ -83,7 +83,8 @@ def iso_utc(ts: float) -> str:
 
 
 def build_report(*, scenario: str, settings_masked: dict, started_at: float, load_stopped_at: float,
-                 recorded: dict, locust: dict, retry_policy: dict, drained: bool, extra: dict | None = None) -> dict:
+                 recorded: dict, locust: dict, retry_policy: dict, drained: bool, extra: dict | None = None,
+                 retry_policies: dict | None = None) -> dict:
     duration_s = max(1e-9, load_stopped_at - started_at)
     tasks = recorded["tasks"]
     report = {
@@ -100,7 +101,8 @@ def build_report(*, scenario: str, settings_masked: dict, started_at: float, loa
         "latency_ms": {phase: recorded["latency_ms"][phase] for phase in REPORT_PHASES},
         "latency_ms_extra": {"result_store": recorded["latency_ms"]["result_store"],
                              "end_to_end_by_task": recorded["latency_ms_by_task"]},
-        "retries": {**{k: v for k, v in recorded["retries"].items()}, "policy": retry_policy},
+        "retries": {**{k: v for k, v in recorded["retries"].items()}, "policy": retry_policy,
+                    **({"policies": retry_policies} if retry_policies is not None else {})},
         "serialization": [],
         "locust": locust,
         "drain": {"completed": drained, "lost_ids": recorded["lost_ids"]},

@@ -14,7 +14,7 @@ from loadlab.reports.backend_audit import audit_backend
 from loadlab.reports.recorder import AUDITED_MAX, Recorder
 from loadlab.reports.render import write_rendered
 from loadlab.reports.report import REPORT_FILE, build_report, write_json
-from loadlab.stack.tasks import retry_policy
+from loadlab.stack.tasks import declared_retry_policies, retry_policy
 
 
 class RunSession:
@@ -48,9 +48,13 @@ class RunSession:
         if self.app is not None:  # while the stack still runs: the backend may be the stack's own embedded Redis
             audit = audit_backend(self.app, self.recorder.terminal_log,
                                   truncated=len(self.recorder.terminal_log) >= AUDITED_MAX)
+        # the app's own tasks' policies (a user's app declares its own); without the app, the reference flaky's
+        policies = declared_retry_policies(self.app) if self.app is not None else None
+        policy = (next(iter(policies.values())) if len(policies) == 1 else {}) if policies is not None else \
+            retry_policy(self.settings)
         report = build_report(scenario=self.scenario, settings_masked=self.settings.masked(), started_at=started_at,
                               load_stopped_at=self.recorder.load_stopped_at, recorded=self.recorder.summary(),
-                              locust=locust, retry_policy=retry_policy(self.settings), drained=self.drained,
+                              locust=locust, retry_policy=policy, retry_policies=policies, drained=self.drained,
                               extra={"backend_audit": audit, **extra})
         self.report_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.report_dir / REPORT_FILE, report)

@@ -127,6 +127,30 @@ def register_tasks(app, settings) -> dict:
     return {"noop": noop, "cpu": cpu, "io": io, "flaky": flaky, "payload": payload}
 
 
+def retry_limits(app) -> dict[str, int | None]:
+    """Each registered task's ``max_retries`` (Celery's own tasks left out), by name: a task that failed after this
+    many retries used them up. A user's app declares its own; None retries for ever."""
+    return {name: task.max_retries for name, task in app.tasks.items() if not name.startswith("celery.")}
+
+
+def declared_retry_policies(app) -> dict[str, dict]:
+    """The retry policy of each task that retries by itself (``autoretry_for``), by name, as the report shows it."""
+    policies = {}
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery.") or not getattr(task, "autoretry_for", None):
+            continue
+        backoff = getattr(task, "retry_backoff", False)
+        policies[name] = {
+            "max_retries": task.max_retries,
+            # Celery's autoretry takes True as a factor of 1 and rounds a number to an integer >= 1
+            "backoff_factor_s": max(1, int(backoff)) if backoff else 0,
+            "backoff_max_s": getattr(task, "retry_backoff_max", None) if backoff else None,
+            "jitter": getattr(task, "retry_jitter", None) if backoff else None,
+            "delay_s": None if backoff else task.default_retry_delay,
+        }
+    return policies
+
+
 def retry_policy(settings) -> dict:
     """The flaky task's backoff policy as the report shows it."""
     return {

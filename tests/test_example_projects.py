@@ -83,6 +83,9 @@ def _assert_retries_and_chains(report, run_dir) -> dict:
     assert retries["attempts"].get("2", 0) > 0 and retries["attempts"].get("3", 0) > 0, retries["attempts"]
     assert retries["exhausted"] == 0 and report["tasks"]["failed"] == 0
     assert retries["backoff_observed_s"]["max"] > 0
+    # the policy reported is the app's own task's (max_retries 5, backoff 1 s up to 4 s), not the reference flaky's
+    charge = {"max_retries": 5, "backoff_factor_s": 1, "backoff_max_s": 4, "jitter": True, "delay_s": None}
+    assert retries["policies"] == {"orders_api.tasks.charge_payment": charge} and retries["policy"] == charge
     # every checkout's chain ran to its last step (counted by the workers, whatever the ledger makes of children)
     finished = _succeeded_by_queue_and_task(run_dir)
     assert finished[("celery", "orders_api.tasks.send_receipt")] == finished[("celery", "orders_api.tasks.checkout")] \

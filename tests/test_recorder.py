@@ -79,6 +79,20 @@ def test_retries_attempts_and_exhaustion():
     assert s["retries"]["backoff_observed_s"]["max"] == pytest.approx(1.0, rel=0.01)
 
 
+def test_exhaustion_is_judged_by_each_tasks_own_retry_limit():
+    """A user's app declares its own max_retries per task: a task of limit 5 that failed after 3 retries did not use
+    them up; one of limit 1 that failed after its one retry did."""
+    r = _recorder(max_retries={"app.patient": 5, "app.hasty": 1})
+    for task_id, name, retries in (("p", "app.patient", 3), ("h", "app.hasty", 1), ("u", "app.unknown", 9)):
+        _sent(r, task_id, 0.0, name=name)
+        for attempt in range(retries):
+            _attempt(r, task_id, "RETRY", 0.0, attempt + 0.1, attempt + 0.2, retries=attempt, name=name, exc="E")
+        _attempt(r, task_id, "FAILURE", 0.0, retries + 0.1, retries + 0.2, retries=retries, name=name, exc="E")
+    s = r.summary()
+    assert s["tasks"]["failed"] == 3 and s["retries"]["tasks_retried"] == 3
+    assert s["retries"]["exhausted"] == 1  # the hasty one; a task the app does not register has no known limit
+
+
 def test_latency_counts_from_the_intended_send_time():
     r = _recorder()
     _sent(r, "late", 10.5, intended=10.0)
