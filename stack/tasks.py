@@ -81,14 +81,16 @@ def _timed(body):
 
 
 def register_tasks(app, settings) -> dict:
-    """Register the reference tasks on ``app`` with the retry policy from ``settings``."""
+    """Register the reference tasks on ``app`` with the retry policy from ``settings``. Not shared: Celery would
+    add a shared task to every app made later in the process, so the next app (a sweep's next point, another
+    stack) would run this app's callables, with this app's settings."""
 
-    @app.task(name=full_name("noop"))
+    @app.task(name=full_name("noop"), shared=False)
     @_timed
     def noop():
         return None
 
-    @app.task(name=full_name("cpu"))
+    @app.task(name=full_name("cpu"), shared=False)
     @_timed
     def cpu(ms: float = 5.0):
         deadline = time.thread_time() + ms / 1000.0
@@ -97,7 +99,7 @@ def register_tasks(app, settings) -> dict:
             spins += 1
         return spins
 
-    @app.task(name=full_name("io"))
+    @app.task(name=full_name("io"), shared=False)
     @_timed
     def io(ms: float = 20.0):
         time.sleep(ms / 1000.0)
@@ -105,6 +107,7 @@ def register_tasks(app, settings) -> dict:
 
     @app.task(
         name=full_name("flaky"),
+        shared=False,
         bind=True,
         autoretry_for=(FlakyError,),
         max_retries=settings.retry_max_retries,
@@ -119,7 +122,7 @@ def register_tasks(app, settings) -> dict:
             raise FlakyError(f"attempt {self.request.retries + 1} failed on purpose (p={p})")
         return self.request.retries
 
-    @app.task(name=full_name("payload"))
+    @app.task(name=full_name("payload"), shared=False)
     @_timed
     def payload(body=None):
         return body

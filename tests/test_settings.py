@@ -62,3 +62,18 @@ def test_pickle_with_consent_is_accepted():
 @pytest.mark.parametrize("text, seconds", [("30s", 30), ("2m", 120), ("1h30m", 5400), ("45", 45), ("1.5s", 1.5)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
+
+
+def test_each_app_in_a_process_runs_its_own_reference_tasks_with_its_own_settings():
+    """A sweep or campaign makes one app per point in one process: the second app's flaky task keeps its own retry
+    policy (Celery's shared tasks would hand it the first app's callable, with a DuplicateTaskNameWarning)."""
+    import warnings
+
+    from loadlab.stack.app import make_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = make_app(Settings(retry_max_retries=3, retry_backoff_s=1))
+        second = make_app(Settings(retry_max_retries=7, retry_backoff_s=0))
+        assert first.tasks["loadlab.flaky"].max_retries == 3 and second.tasks["loadlab.flaky"].max_retries == 7
+        assert first.tasks["loadlab.flaky"].retry_backoff == 1 and second.tasks["loadlab.flaky"].retry_backoff == 0
