@@ -265,6 +265,9 @@ def test_celery_tab_in_headless_chromium(run_dir):
                                        "Queue wait and execution"}
                 assert min(charts["Queue wait and execution"].values()) >= 1
                 assert set(charts["Queue depth"]) == {"ready", "unacked"}
+                # one time axis for all four (the queue sampler's points and the series' buckets end apart)
+                spans = page.evaluate("() => [...document.querySelectorAll('.loadlab-chart')].map(c => c.dataset.span)")
+                assert len(spans) == 4 and None not in spans and len(set(spans)) == 1, spans
                 live = get_json(f"{url}/celery/stats")
                 assert set(tab_table(page, "by_task")) <= set(live["by_task"]) and tab_table(page, "by_task")
                 assert set(tab_table(page, "by_worker")) == set(live["by_worker"]) and len(live["by_worker"]) == 1

@@ -22,8 +22,10 @@
     return node;
   }
 
-  // one chart: series = [{name, points: [[x, y], ...]}], x in seconds since the first point of any series
-  function chart(title, unit, series) {
+  // one chart: series = [{name, points: [[x, y], ...]}], x in epoch seconds; span = [x0, x1], the time axis every
+  // chart of the panel shares (else each would end at its own last point: the queue sampler's and the series'
+  // differ)
+  function chart(title, unit, series, span) {
     var W = 380, H = 170, L = 48, B = 22, T = 20;
     var box = el("div", {"class": "loadlab-chart", "data-title": title,
                          "style": "display:inline-block;margin:0 16px 12px 0;vertical-align:top"});
@@ -32,9 +34,11 @@
     svg.appendChild(el("text", {x: L, y: 13, "font-size": 12, fill: "currentColor"}, title + " (" + unit + ")"));
     var xs = [], ys = [0];
     series.forEach(function (s) { s.points.forEach(function (p) { if (p[1] !== null) { xs.push(p[0]); ys.push(p[1]); } }); });
-    var x0 = Math.min.apply(null, xs.length ? xs : [0]), x1 = Math.max.apply(null, xs.length ? xs : [1]);
+    var x0 = span ? span[0] : Math.min.apply(null, xs.length ? xs : [0]);
+    var x1 = span ? span[1] : Math.max.apply(null, xs.length ? xs : [1]);
     var y1 = Math.max.apply(null, ys) || 1;
     if (x1 <= x0) x1 = x0 + 1;
+    box.setAttribute("data-span", x0.toFixed(3) + "-" + x1.toFixed(3));
     function px(x) { return L + (x - x0) / (x1 - x0) * (W - L - 8); }
     function py(y) { return H - B - y / y1 * (H - B - T); }
     svg.appendChild(el("line", {x1: L, y1: H - B, x2: W - 8, y2: H - B, stroke: "#888"}));
@@ -85,18 +89,21 @@
     var start = stats.series ? stats.series.start : stats.since;
     var rows = stats.series ? stats.series.rows : [];
     function line(field) { return rows.map(function (r) { return [start + r.t_s, r[field]]; }); }
+    var queue = stats.queue_history || [];
+    var ends = rows.map(function (r) { return start + r.t_s; }).concat(queue.map(function (q) { return q[0]; }));
+    var x0 = Math.min.apply(null, ends.length ? ends : [start]), span = [x0, Math.max.apply(null, ends.concat([x0 + 1]))];
     panel.appendChild(chart("Throughput by state", "tasks/s", [
       {name: "succeeded", points: line("completed_per_s")}, {name: "failed", points: line("failed_per_s")},
-      {name: "retried", points: line("retried_per_s")}, {name: "submitted", points: line("submitted_per_s")}]));
-    var queue = stats.queue_history || [];
+      {name: "retried", points: line("retried_per_s")}, {name: "submitted", points: line("submitted_per_s")}], span));
     panel.appendChild(chart("Queue depth", "messages", [
       {name: "ready", points: queue.map(function (q) { return [q[0], q[1]]; })},
-      {name: "unacked", points: queue.map(function (q) { return [q[0], q[2]]; })}]));
+      {name: "unacked", points: queue.map(function (q) { return [q[0], q[2]]; })}], span));
     panel.appendChild(chart("End-to-end latency", "ms", [
-      {name: "p50", points: line("end_to_end_p50_ms")}, {name: "p95", points: line("end_to_end_p95_ms")}]));
+      {name: "p50", points: line("end_to_end_p50_ms")}, {name: "p95", points: line("end_to_end_p95_ms")}], span));
     panel.appendChild(chart("Queue wait and execution", "ms", [
       {name: "wait p50", points: line("queue_wait_p50_ms")}, {name: "wait p95", points: line("queue_wait_p95_ms")},
-      {name: "exec p50", points: line("execution_p50_ms")}, {name: "exec p95", points: line("execution_p95_ms")}]));
+      {name: "exec p50", points: line("execution_p50_ms")}, {name: "exec p95", points: line("execution_p95_ms")}],
+      span));
     var byTask = stats.by_task || {};
     panel.appendChild(table("Per task", ["task", "succeeded", "failed", "end-to-end p50 ms", "p95 ms", "samples"],
       Object.keys(byTask).map(function (name) {
