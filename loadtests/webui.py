@@ -53,7 +53,6 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,12 +65,13 @@ from locust.event import Events
 
 from loadlab.config.settings import Settings
 from loadlab.exporters import ledger
+from loadlab.loadtests.celery_tab import CHART_POINTS, celery_stats, table_rows
 from loadlab.loadtests.class_picker import tick_only
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
 from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust_section
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
 from loadlab.loadtests.users import build_user_classes
-from loadlab.reports.recorder import REPORT_PHASES, Recorder, histogram_stats_ms
+from loadlab.reports.recorder import Recorder
 from loadlab.stack.tasks import retry_limits
 from loadlab.reports.session import RunSession
 
@@ -79,7 +79,6 @@ TAB_KEY = "celery"
 STATS_ROUTE = "/celery/stats"
 CSV_ROUTE = "/celery/stats/csv"
 CHARTS_ROUTE = "/celery/charts.js"
-CHART_POINTS = 300  # samples per chart line: five minutes at one per second
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 1.0
 TABLE_STRUCTURE = [
@@ -90,8 +89,6 @@ TABLE_STRUCTURE = [
     {"key": "p99", "title": "p99 (ms)"},
     {"key": "max", "title": "max (ms)"},
 ]
-PHASE_LABELS = {"publish": "publish", "queue_wait": "queue wait", "execution": "execution",
-                "end_to_end": "end to end"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -222,89 +219,6 @@ class CeleryMonitor:
 
 
 # --- the tab ------------------------------------------------------------------------------------------------------
-def celery_stats(recorder, monitor: CeleryMonitor | None, since: float, window: dict | None = None) -> dict:
-    """The JSON the tab shows: broker and worker state from the monitor's cache, task counts and phase latency
-    percentiles from the recorder (the current window's, see ``SwarmWindows.window_info`` for ``window``)."""
-    out: dict = {"since": since, "at": time.time(), "window": window}
-    out.update(monitor.snapshot() if monitor is not None else {"queue": None, "workers": None})
-    if recorder is None:
-        out.update({"tasks": None, "retries": None, "latency_ms": None})
-        return out
-    with getattr(recorder, "_lock", None) or nullcontext():
-        c = recorder.counts
-        out["tasks"] = {"submitted": c["submitted"], "succeeded": c["succeeded"], "failed": c["failed"],
-                        "revoked": c["revoked"], "rejected": c["rejected"], "in_flight": recorder.outstanding}
-        out["retries"] = {"retried": c["retried"], "tasks_retried": recorder.tasks_retried,
-                          "exhausted": recorder.exhausted}
-        out["latency_ms"] = {phase: histogram_stats_ms(recorder.histograms[phase]) for phase in REPORT_PHASES}
-        # per task name and per worker: the report's latency_ms_by_task, and the attempts each worker finished
-        out["by_task"] = {name: {"states": dict(sorted(recorder.per_task_states.get(name, {}).items())),
-                                 "end_to_end_ms": histogram_stats_ms(hist)}
-                          for name, hist in sorted(recorder.per_task.items())}
-        out["by_worker"] = {host: dict(sorted(states.items()))
-                            for host, states in sorted(recorder.per_worker_states.items())}
-        series = recorder.series
-        out["series"] = {"start": series.start, "rows": series.rows()[-CHART_POINTS:]} if series else None
-    if monitor is not None:
-        out["queue_history"] = [[at, depth, unacked] for at, depth, unacked in list(monitor.queue_history)
-                                if at >= since]
-    return out
-
-
-def table_rows(stats: dict) -> list[dict]:
-    rows: list[dict] = []
-
-    # no "name" key: the UI sorts rows by "name" unless a column header is clicked, and this order is meant
-    def row(metric, value="", p50="", p95="", p99="", maximum=""):
-        rows.append({"metric": metric, "value": value, "p50": p50, "p95": p95, "p99": p99, "max": maximum})
-
-    workers = stats.get("workers")
-    if workers is not None:
-        up = workers["up"]
-        value = up if workers["expected"] is None or up is None else f"{up} / {workers['expected']}"
-        row("Workers up", _or_error(value, workers["error"]))
-    queue = stats.get("queue")
-    if queue is not None:
-        row(f"Queue depth ({queue['name']})", _or_error(queue["depth"], queue["error"]))
-        if queue.get("unacked") is not None:
-            row("Unacked (delivered, not acknowledged)", queue["unacked"])
-    tasks = stats.get("tasks")
-    if tasks is not None:
-        for key in ("submitted", "succeeded", "failed", "in_flight", "revoked", "rejected"):
-            row(f"Tasks {key.replace('_', ' ')}", tasks[key])
-        r = stats["retries"]
-        row("Retries (attempts retried)", r["retried"])
-        row("Tasks that retried", r["tasks_retried"])
-        row("Retries exhausted", r["exhausted"])
-        for phase, lat in stats["latency_ms"].items():
-            label = f"Latency {PHASE_LABELS.get(phase, phase)} (samples)"
-            if lat["count"]:
-                row(label, lat["count"], *(round(lat[k], 1) for k in ("p50", "p95", "p99", "max")))
-            else:
-                row(label, 0)
-    window = stats.get("window")
-    if window is not None:
-        row("Swarm", window["swarm"] if window["swarm"] is not None else "none running")
-    if stats.get("since"):
-        # like Locust's own tables: counts restart with every new swarm and with "Reset stats"
-        since = time.strftime("%H:%M:%S", time.gmtime(stats["since"]))
-        if window is not None:
-            since += {"test_start": " (swarm start)", "reset_stats": " (Reset stats)", "ui_start": " (UI start)"}.get(
-                window["counted_from"], "")
-        row("Counted since (UTC)", since)
-    if window is not None and window.get("report_status"):
-        row("Report", window["report_status"])
-    for earlier in (window or {}).get("earlier_swarms_draining") or ():
-        row(f"Swarm {earlier['swarm']} (stopped)", f"draining: {earlier['in_flight']} in flight, then its report")
-    return rows
-
-
-def _or_error(value, error):
-    if error:
-        return f"unavailable ({error})"
-    return "…" if value is None else value
-
-
 def install_celery_tab(environment: Environment, recorder: Callable[[], object | None],
                        monitor: CeleryMonitor | None, since: float | None = None,
                        window: Callable[[], dict] | None = None) -> None:

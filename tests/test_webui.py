@@ -559,3 +559,35 @@ def test_busy_web_port_is_a_usage_error(run_dir):
         result = run_cli("ui", "--web-port", str(port), "--out", str(run_dir), timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "in use" in result.stderr
+
+
+def test_the_tab_shows_workflows_and_the_tasks_that_tasks_published():
+    """A chain (root -> step -> step) and a spawn (root -> one leaf) through the recorder: the tab's table gets the
+    children and the workflows, over all and per root task, first publish to last result."""
+    from loadlab.exporters import ledger
+    from loadlab.loadtests.celery_tab import celery_stats, table_rows
+    from loadlab.reports.recorder import Recorder
+
+    r = Recorder("redis://127.0.0.1:1/0", "tab")  # records are handed in directly
+    flows = {"chain": ("app.start_chain", 100.0, ["c1", "c2"], 0.5), "spawn": ("app.spawn", 101.0, ["k"], 0.1)}
+    for root, (name, sent, children, step_s) in flows.items():
+        r.handle([ledger.SENT, root, name, sent, 0.001, None])
+        # as Celery does: a task publishes the next one while it runs, before its own result is stored
+        tasks = [(root, name, sent, sent + 0.01, None)]
+        for child in children:
+            tasks.append((child, "app.step", tasks[-1][3], tasks[-1][3] + step_s, tasks[-1][0]))
+        for (task_id, task_name, at, done, parent), following in zip(tasks, tasks[1:] + [None]):
+            if following is not None:
+                r.handle([ledger.SENT, following[0], "app.step", following[2], 0.001, None, task_id, root])
+            lineage = [parent, root] if parent else []
+            r.handle([ledger.ATTEMPT, task_id, task_name, "SUCCESS", at, at, None, at, done, done, 0, None, None, "w1",
+                      *lineage])
+    stats = celery_stats(r, None, 100.0)
+    assert stats["tasks"]["children"] == 3 and stats["workflows"]["count"] == 2
+    rows = {row["metric"]: row for row in table_rows(stats)}
+    assert rows["Tasks published by tasks"]["value"] == 3
+    whole = rows["Workflows finished, first publish to last result"]
+    assert whole["value"] == 2 and whole["max"] == pytest.approx(1010, rel=0.01)  # the chain: 10 ms + 2 x 500 ms
+    assert rows["Workflows finished, first publish to last result (app.spawn)"]["p50"] == pytest.approx(110, rel=0.01)
+    assert rows["Workflows finished, first publish to last result (app.start_chain)"]["value"] == 1
+
