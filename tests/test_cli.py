@@ -19,6 +19,8 @@ from tests.conftest import LOADLAB, REPO, processes_mentioning, run_cli, wait_un
     (["up", "--pool", "fork"], ["--pool", "prefork"]),
     (["gate", "/nonexistent/run", "--rules", "x.yml"], ["/nonexistent/run", "report.json"]),
     (["report", "/nonexistent/run"], ["/nonexistent/run"]),
+    (["bench", "overhead", "--public-api"], ["--public-api", "--instructions"]),
+    (["bench", "overhead", "--instruction-payload-bytes", "4096"], ["--instruction-payload-bytes", "--instructions"]),
 ])
 def test_bad_values_exit_2_with_one_sentence(args, words, tmp_path):
     result = run_cli(*args, "--out", str(tmp_path / "out"), timeout=60) if args[0] in ("run", "up") else \

@@ -55,19 +55,27 @@ def _stack_class():
 
 
 # --- producer (runs under callgrind) ---------------------------------------------------------------------------------
-def produce() -> None:
-    """Warm up, print ``ready``; then per line on stdin publish that many no-op tasks, wait until their results are
-    stored, print ``done``."""
+def produce(payload_bytes: int = 0) -> None:
+    """Warm up, print ``ready``; then per line on stdin publish that many tasks (no-op, or the payload task with a
+    ``payload_bytes`` body), wait until their results are stored, print ``done``."""
     from loadlab.bench.overhead import _send, _wait_stored
     from loadlab.config.settings import Settings
     from loadlab.stack.app import make_app
+    from loadlab.stack.tasks import PayloadArgs, full_name
 
     app = make_app(Settings.from_env())
-    _wait_stored(app, [_send(app)[0] for _ in range(20)], timeout_s=STARTUP_TIMEOUT_S, poll_s=0.05)
+    # the same body every task (made once, before counting): what differs between stacks is their handling of it
+    task = (full_name("payload"), PayloadArgs(size_bytes=payload_bytes, shape="nested_dicts").call_kwargs()) \
+        if payload_bytes else (None, None)
+
+    def send() -> str:
+        return _send(app, *task)[0]
+
+    _wait_stored(app, [send() for _ in range(20)], timeout_s=STARTUP_TIMEOUT_S, poll_s=0.05)
     print("ready", flush=True)
     for line in sys.stdin:
         count = int(line)
-        _wait_stored(app, [_send(app)[0] for _ in range(count)], timeout_s=STARTUP_TIMEOUT_S, poll_s=0.05)
+        _wait_stored(app, [send() for _ in range(count)], timeout_s=STARTUP_TIMEOUT_S, poll_s=0.05)
         print("done", flush=True)
 
 
@@ -115,7 +123,7 @@ def _phase(out_dir: Path, pids: list[int], label: str, action) -> tuple[dict[int
 
 
 def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console,
-              fast_paths: bool = True) -> dict:
+              fast_paths: bool = True, payload_bytes: int = 0) -> dict:
     """One stack under callgrind: warm-up, the idle phase, ``tasks`` no-op tasks. The producer's and the worker main
     process's counts come from dumps around the phases; a pool child's from its dump when it exits, its whole life
     (callgrind_control cannot reach a forked process)."""
@@ -132,7 +140,7 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
     with stack:
         log = open(run_dir / "producer.log", "w")
         producer = subprocess.Popen([*callgrind_prefix(out_dir), sys.executable, "-m", "loadlab.bench.instructions",
-                                     "produce"], env=stack.settings.child_env(), stdin=subprocess.PIPE,
+                                     "produce", str(payload_bytes)], env=stack.settings.child_env(), stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             if producer.stdout.readline().strip() != "ready":
@@ -168,20 +176,22 @@ def run_stack(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks:
 
 
 def measure_configuration(base, name: str, metrics: str, tracing: str, run_dir: Path, tasks: int, console,
-                          fast_paths: bool = True) -> dict:
+                          fast_paths: bool = True, payload_bytes: int = 0) -> dict:
     """Two stacks of the configuration, with ``tasks`` and a third of them: a pool child's instructions per task are
     the difference of the children's lifetime counts over the difference of tasks (what both lives share, the
     count inherited at fork included, cancels)."""
     fewer = max(2, tasks // 3)
-    small = run_stack(base, name, metrics, tracing, run_dir / f"{fewer}-tasks", fewer, console, fast_paths)
-    large = run_stack(base, name, metrics, tracing, run_dir / f"{tasks}-tasks", tasks, console, fast_paths)
+    small = run_stack(base, name, metrics, tracing, run_dir / f"{fewer}-tasks", fewer, console, fast_paths,
+                      payload_bytes)
+    large = run_stack(base, name, metrics, tracing, run_dir / f"{tasks}-tasks", tasks, console, fast_paths,
+                      payload_bytes)
     by_role = dict(large["per_task"])
     by_role["pool child"] = (large["pool_children_life"] - small["pool_children_life"]) / (tasks - fewer)
     return {"tasks": tasks, "per_task": sum(by_role.values()), "by_role": by_role, "runs": [small, large]}
 
 
 def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, console,
-                       public_api: bool = False) -> dict:
+                       public_api: bool = False, payload_bytes: int = 0) -> dict:
     from loadlab.config.settings import Settings
 
     if not _have_valgrind():
@@ -191,7 +201,7 @@ def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, co
     for name, metrics, tracing, fast_paths in [(*config, True) for config in CONFIGS] + [
             (PUBLIC_API, "on", "all", False)] * public_api:
         results[name] = measure_configuration(base, name, metrics, tracing, out / name.replace(" ", "-").replace(
-            "+", "-").replace(",", ""), tasks, console, fast_paths)
+            "+", "-").replace(",", ""), tasks, console, fast_paths, payload_bytes)
         console.print(f"{name}: {results[name]['per_task'] / 1e6:.3f} M instructions per task "
                       f"({', '.join(f'{r} {v / 1e6:.3f} M' for r, v in results[name]['by_role'].items())})")
     bare = results["bare"]["per_task"]
@@ -205,7 +215,7 @@ def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, co
     if PUBLIC_API in results:  # the fast paths' worth: instructions the public API adds to every traced task
         results[PUBLIC_API]["x_fast_paths"] = results[PUBLIC_API]["per_task"] / results["all traced"]["per_task"]
     record = {"bench": "overhead --instructions", "tasks": tasks, "workers": workers, "concurrency": concurrency,
-              "configurations": results}
+              "payload_bytes": payload_bytes, "configurations": results}
     (out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(table(record))
     if PUBLIC_API in results:
@@ -214,7 +224,8 @@ def bench_instructions(tasks: int, workers: int, concurrency: int, out: Path, co
                       f"through the public API only ({row['per_task'] / 1e6:.3f} M against "
                       f"{results['all traced']['per_task'] / 1e6:.3f} M per task)", markup=False)
     console.print("instructions counted by valgrind --tool=callgrind in the producer, the worker's main process and "
-                  "its pool children, per no-op task, an idle stack's background (same duration) subtracted; they "
+                  f"its pool children, per {task_kind(payload_bytes)}, an idle stack's background (same duration) "
+                  "subtracted; they "
                   "repeat for the same code and inputs whatever else the machine runs. Ratio to bare; a target is "
                   "met or missed on the count itself.", markup=False)
     return record
@@ -224,8 +235,9 @@ def table(record: dict):
     from rich.table import Table
 
     roles = ("producer", "worker main", "pool child")
-    t = Table(title=f"loadlab bench overhead --instructions: {record['tasks']} no-op tasks per stack, 1 worker x "
-                    f"{record['concurrency']} prefork", box=None, header_style="bold")
+    t = Table(title=f"loadlab bench overhead --instructions: {record['tasks']} tasks per stack, each a "
+                    f"{task_kind(record.get('payload_bytes', 0))}, 1 worker x {record['concurrency']} prefork",
+              box=None, header_style="bold")
     for column in ("configuration", *(f"{r} M/task" for r in roles), "total M/task", "x bare", "target"):
         t.add_column(column, justify="left" if column == "configuration" else "right", no_wrap=True)
     for name, row in record["configurations"].items():
@@ -234,6 +246,10 @@ def table(record: dict):
         t.add_row(name, *(f"{row['by_role'].get(r, 0) / 1e6:.3f}" for r in roles), f"{row['per_task'] / 1e6:.3f}",
                   f"{row['ratio']:.3f}", shown)
     return t
+
+
+def task_kind(payload_bytes: int) -> str:
+    return f"payload task of {payload_bytes:,} bytes (nested_dicts)" if payload_bytes else "no-op task"
 
 
 def _have_valgrind() -> bool:
@@ -245,7 +261,7 @@ def _have_valgrind() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["produce"]:
-        produce()
+        produce(int(argv[1]) if len(argv) > 1 else 0)
         return 0
     import argparse
 
@@ -257,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--public-api", action="store_true")
+    parser.add_argument("--payload-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench_instructions(args.tasks, args.workers, args.concurrency, out, Console(highlight=False, width=150),
-                       public_api=args.public_api)
+                       public_api=args.public_api, payload_bytes=args.payload_bytes)
     return 0
 
 

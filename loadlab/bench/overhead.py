@@ -177,10 +177,11 @@ def close_stdin_and_wait(process: subprocess.Popen, timeout: float) -> None:
         process.wait()
 
 
-def _send(app) -> tuple[str, float]:
+def _send(app, name: str | None = None, kwargs: dict | None = None) -> tuple[str, float]:
+    """Publish one task (a no-op unless ``name``): its id and when it was sent."""
     task_id = str(uuid.uuid4())
     at = time.time()
-    app.send_task(NOOP, task_id=task_id)
+    app.send_task(name or NOOP, kwargs=kwargs, task_id=task_id)
     return task_id, at
 
 

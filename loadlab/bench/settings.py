@@ -23,6 +23,7 @@ class OverheadBench(BaseModel):
     concurrency: int = Field(2, ge=1, description="Prefork pool size")
     warmup: int = Field(200, ge=0, description="No-op tasks each stack runs before it is measured")
     instruction_tasks: int = Field(60, ge=5, description="With --instructions: no-op tasks counted per stack under callgrind")
+    instruction_payload_bytes: int = Field(0, ge=0, le=1024 * 1024, description="With --instructions: each task is the payload task carrying and returning a nested_dicts body of this many JSON bytes (work a real task mix does per task: encoding, decoding, the result stored) instead of a no-op (0)")
 
 
 class ExporterBench(BaseModel):

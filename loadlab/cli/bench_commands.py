@@ -70,13 +70,13 @@ def bench_recorder_command(sizes):
 
 @bench.command("overhead")
 @model_options(OverheadBench, ["rounds", "tasks", "paced_tasks", "paced_rate", "workers", "concurrency",
-                               "instruction_tasks"])
+                               "instruction_tasks", "instruction_payload_bytes"])
 @click.option("--out", default=None, help="Directory for bench.json and each stack's logs (default reports/runs/<UTC-timestamp>-bench-overhead/)")
 @click.option("--with-earlier", multiple=True, metavar="PATH", help="bench.json (or its directory) of an earlier run with the same settings, summarized with this run's rounds (repeatable)")
 @click.option("--instructions", is_flag=True, help="Count instructions per no-op task with valgrind callgrind in the producer, worker and pool children (bare, metrics, sampled, all traced) instead of timing")
 @click.option("--public-api", is_flag=True, help="With --instructions: also every task traced through OpenTelemetry's public API only (--no-otel-fast-paths), what tracing's fast paths are worth")
-def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, instruction_tasks, out, with_earlier,
-                   instructions, public_api):
+def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency, instruction_tasks,
+                   instruction_payload_bytes, out, with_earlier, instructions, public_api):
     """Bare stack vs metrics vs metrics + sampled tracing vs every task traced, and a second bare stack as the A/A
     control: five stacks side by side taking turns; throughput, p50 and CPU per task, each as a ratio to bare with
     its 95% confidence interval and a verdict. With --instructions: instructions per task from callgrind instead."""
@@ -84,10 +84,13 @@ def bench_overhead(rounds, tasks, paced_tasks, paced_rate, workers, concurrency,
 
     if public_api and not instructions:
         raise UsageError("--public-api compares instruction counts; give it with --instructions.")
+    if instruction_payload_bytes and not instructions:
+        raise UsageError("--instruction-payload-bytes sets what the counted tasks carry; give it with --instructions.")
     if instructions:
         run_dir = run_dir_for(out, "bench-overhead-instructions")
         code = subprocess.call([sys.executable, "-m", "loadlab.bench.instructions", "--tasks", str(instruction_tasks),
                                 "--concurrency", str(concurrency), "--out", str(run_dir),
+                                "--payload-bytes", str(instruction_payload_bytes),
                                 *(["--public-api"] if public_api else [])])
         sys.exit(EXIT_OK if code == 0 else EXIT_FAILED)
 
