@@ -1,5 +1,6 @@
 """The public API for writing your own locustfile against your Celery app; run it with loadlab's stack, ledger and
-report by ``loadlab run --app pkg.celery:app --locustfile my_locustfile.py``::
+report by ``loadlab run --app pkg.celery:app --locustfile my_locustfile.py`` (or from the web UI, each swarm with its
+report, by ``loadlab ui`` with the same two options)::
 
     from locust import between, task
 

@@ -60,6 +60,7 @@ from typing import Callable
 
 import gevent
 from locust import LoadTestShape, User
+from locust import events as locust_events
 from locust.env import Environment
 from locust.event import Events
 
@@ -70,6 +71,7 @@ from loadlab.loadtests.class_picker import tick_only
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
 from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust_section
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
+from loadlab.loadtests.user_locustfile import run_user_classes
 from loadlab.loadtests.users import build_user_classes
 from loadlab.reports.recorder import Recorder
 from loadlab.stack.tasks import retry_limits
@@ -124,14 +126,20 @@ def scenario_shape_classes(settings: Settings) -> dict[str, LoadTestShape]:
 
 
 def ui_environment(settings: Settings, csv_prefix: str | None = None) -> Environment:
-    """A Locust environment whose class picker offers every scenario; the form starts at the chosen scenario's
-    users and spawn rate."""
+    """A Locust environment whose class picker offers every scenario's users, the chosen scenario's ticked; with
+    ``--locustfile``, the file's users instead (the scenarios' are not offered), all ticked, with the run's settings
+    as under ``loadlab run --locustfile``, and the file's listeners on Locust's module-level events (one UI per
+    process), as under the locust command. The form starts at the chosen scenario's users and spawn rate."""
     from locust.argument_parser import get_parser
 
     scenario = get_scenario(settings.scenario)
-    available = scenario_user_classes(settings)
-    prefix = _prefix(scenario) + "_"
-    default_classes = [cls for name, cls in available.items() if name.startswith(prefix)]
+    if settings.locustfile:
+        available = {cls.__name__: cls for cls in run_user_classes(settings, scenario)}
+        default_classes = list(available.values())
+    else:
+        available = scenario_user_classes(settings)
+        prefix = _prefix(scenario) + "_"
+        default_classes = [cls for name, cls in available.items() if name.startswith(prefix)]
     args = ["--users", str(settings.users or scenario.users),
             "--spawn-rate", f"{settings.spawn_rate or scenario.spawn_rate:g}", "--class-picker"]
     if settings.duration:
@@ -139,8 +147,9 @@ def ui_environment(settings: Settings, csv_prefix: str | None = None) -> Environ
     if csv_prefix:
         args += ["--csv", csv_prefix, "--csv-full-history"]
     options = get_parser(default_config_files=[]).parse_args(args)
-    return Environment(user_classes=default_classes, events=Events(), host=settings.api_url,
-                       stop_timeout=STOP_TIMEOUT_S, parsed_options=options, locustfile="loadlab ui",
+    return Environment(user_classes=default_classes, events=locust_events if settings.locustfile else Events(),
+                       host=settings.api_url, stop_timeout=STOP_TIMEOUT_S, parsed_options=options,
+                       locustfile=Path(settings.locustfile).name if settings.locustfile else "loadlab ui",
                        available_user_classes=available, available_shape_classes=scenario_shape_classes(settings),
                        available_user_tasks={name: cls.tasks for name, cls in available.items()})
 
@@ -674,11 +683,16 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
                                    stats_csv_writer=writer)
         install_celery_tab(env, lambda: windows.recorder, monitor, window=windows.window_info)
         tick_only(web_ui, [cls.__name__ for cls in env.user_classes])  # the chosen scenario's classes, alone
+        if s.locustfile:  # the file's init listeners, told as the locust command tells them
+            env.events.init.fire(environment=env, runner=runner, web_ui=web_ui)
         web_ui.start()
         greenlets = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
         url = f"http://127.0.0.1:{web_port}"
         console.print(f"[green]Locust web UI[/] {url}  (Celery tab after you start a test; JSON {url}{STATS_ROUTE})")
         console.print(f"producer API {s.api_url}   logs {run_dir / 'logs'}   Ctrl-C stops everything.")
+        if s.locustfile:
+            console.print(f"users of {s.locustfile}: {', '.join(sorted(env.available_user_classes))}", soft_wrap=True,
+                          markup=False)
         console.print(f"each swarm's report, written when it stops: {run_dir / SWARM_DIR.format(1)}/, "
                       f"{SWARM_DIR.format(2)}/, … (report.json, report.html, summary.md)", soft_wrap=True, markup=False)
         while True:
@@ -697,6 +711,8 @@ def serve(settings: Settings, run_dir: Path, web_port: int, console) -> int:
     finally:
         if runner is not None:
             runner.quit()  # a swarm still running stops: test_stop starts its report
+            if s.locustfile:
+                runner.environment.events.quitting.fire(environment=runner.environment, reverse=True)
         if web_ui is not None and web_ui.server is not None:
             web_ui.stop()
         if windows is not None and windows.draining:

@@ -1,5 +1,6 @@
-"""``loadlab run --locustfile FILE``: a locustfile that cannot be run is refused before anything starts, with one
-sentence naming the file and what to do, exit 2 (the example locustfile's run is in test_example_projects.py)."""
+"""``loadlab run --locustfile FILE`` (and ``loadlab ui --locustfile FILE``): a locustfile that cannot be run is
+refused before anything starts, with one sentence naming the file and what to do, exit 2 (the example locustfile's
+run is in test_example_projects.py, its run from the web UI in test_webui.py)."""
 from __future__ import annotations
 
 import json
@@ -39,20 +40,27 @@ def test_a_locustfile_that_cannot_run_is_refused_before_anything_starts(tmp_path
         [LOADLAB, "run", "--locustfile", "good.py", "--tasks", "mix.yml", "--out", str(tmp_path / "out" / "with-tasks")],
         cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     words["with-tasks"] = ["--tasks 'mix.yml'", "--locustfile 'good.py'", "give one of them"]
-    for command in ("ui", "sweep", "serialization"):  # the variable, exported for `locust`, is not taken silently
+    for command in ("sweep", "serialization"):  # the variable, exported for `locust`, is not taken silently
         procs[command] = subprocess.Popen([LOADLAB, command, "--out", str(tmp_path / "out" / command)], cwd=tmp_path,
                                           env={**env, "LOADLAB_LOCUSTFILE": "good.py"}, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        words[command] = ["LOADLAB_LOCUSTFILE='good.py'", "`loadlab run` only", f"`loadlab {command}`"]
+        words[command] = ["LOADLAB_LOCUSTFILE='good.py'", "`loadlab run` and `loadlab ui` only",
+                          f"`loadlab {command}`"]
+    # `loadlab ui` takes one, checked the same way before the stack or the web UI starts
+    for name in ("missing", "no-tasks"):
+        procs[f"ui-{name}"] = subprocess.Popen(
+            [LOADLAB, "ui", "--locustfile", f"{name}.py", "--out", str(tmp_path / "out" / f"ui-{name}")],
+            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        words[f"ui-{name}"] = words[name]
     assert_refused_before_start(procs, words, tmp_path / "out")  # before the run directory or any process
 
 
-EVENTS_LOCUSTFILE = '''
+# what Locust's events tell a locustfile, in order, in events.log beside it (test_webui.py appends it to the
+# example's locustfile for `loadlab ui`)
+EVENT_LISTENERS = '''
 from pathlib import Path
 
-from locust import constant, events, task
-
-from loadlab.loadtests.api import CeleryUser
+from locust import events
 
 LOG = Path(__file__).with_name("events.log")
 
@@ -63,13 +71,13 @@ def note(line):
 
 
 @events.init.add_listener
-def on_init(environment, runner, **_):
-    note(f"init {type(runner).__name__}")
+def on_init(environment, runner, web_ui, **_):
+    note(f"init {type(runner).__name__} web_ui={web_ui is not None}")
 
 
 @events.test_start.add_listener
 def on_test_start(environment, **_):
-    note("test_start")
+    note("test_start " + ",".join(sorted(cls.__name__ for cls in environment.user_classes)))
 
 
 @events.test_stop.add_listener
@@ -80,6 +88,12 @@ def on_test_stop(environment, **_):
 @events.quitting.add_listener
 def on_quitting(environment, **_):
     note("quitting")
+'''
+
+EVENTS_LOCUSTFILE = EVENT_LISTENERS + '''
+from locust import constant, task
+
+from loadlab.loadtests.api import CeleryUser
 
 
 class Pinger(CeleryUser):
@@ -107,7 +121,8 @@ def test_a_locustfiles_event_listeners_and_users_see_the_run(tmp_path, run_dir):
                             timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = (tmp_path / "events.log").read_text().splitlines()
-    assert lines[0] == "init LocalRunner" and lines[1] == "test_start" and lines[-2:] == ["test_stop", "quitting"]
+    assert lines[:2] == ["init LocalRunner web_ui=False", "test_start Pinger"] and lines[-2:] == ["test_stop",
+                                                                                                  "quitting"]
     assert lines[2:-2] == ["on_start True Celery"] * 2, lines
     report = json.loads((run_dir / "report.json").read_text())
     tasks = report["tasks"]

@@ -27,6 +27,7 @@ from tests.conftest import (
     unique,
     wait_until,
 )
+from tests.test_own_locustfile import EVENT_LISTENERS
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(os.environ.get("LOADLAB_ARTIFACTS_DIR", REPO / "reports" / "artifacts"))
@@ -79,9 +80,9 @@ def metric_value(page, metric: str) -> str:
 SMOKE_CLASSES = ("Smoke_CeleryTaskUser", "Smoke_ApiTaskUser")
 
 
-def start_ui(run_dir: Path, port: int) -> subprocess.Popen:
+def start_ui(run_dir: Path, port: int, *args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.Popen:
     log = (run_dir / "ui-stdout.log").open("w")
-    proc = subprocess.Popen([LOADLAB, "ui", "--web-port", str(port), "--out", str(run_dir)], cwd=REPO,
+    proc = subprocess.Popen([LOADLAB, "ui", "--web-port", str(port), "--out", str(run_dir), *args], cwd=cwd, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     log.close()  # the child has its own descriptor
     url = f"http://127.0.0.1:{port}"
@@ -411,6 +412,64 @@ def test_new_swarm_while_the_last_drains_then_quit(run_dir):
     for n in (1, 2):
         assert (run_dir / f"swarm-{n:03d}" / "report.html").is_file()
         assert f"report: {run_dir / f'swarm-{n:03d}' / 'report.html'}\n" in output, output
+    wait_until(lambda: not processes_mentioning(str(run_dir)), 15, 0.2, "every process of the stack to exit")
+
+
+ORDERS_TASKS = ("orders_api.tasks.checkout", "orders_api.tasks.charge_payment", "orders_api.tasks.reserve_stock")
+
+
+def page_template_args(url: str) -> dict:
+    """The template arguments Locust's page is served with (``window.templateArgs``): what its form offers."""
+    with urllib.request.urlopen(url, timeout=15) as response:
+        page = response.read().decode()
+    start = page.index("window.templateArgs = ") + len("window.templateArgs = ")
+    return json.JSONDecoder().raw_decode(page[start:])[0]
+
+
+@pytest.mark.timeout(180)
+def test_ui_runs_your_own_locustfile(tmp_path, run_dir):
+    """``loadlab ui --app orders_api.celery:app --locustfile locustfile.py`` from a copy of examples/fastapi_orders,
+    driven over HTTP: the form offers the file's user class alone, ticked; a swarm of it publishes the app's tasks;
+    its report counts them by their names, adds up and loses none; the file's listeners are told init (with the web
+    UI), test_start, test_stop and, on Ctrl-C, quitting, each once."""
+    project = tmp_path / "fastapi_orders"
+    shutil.copytree(REPO / "examples" / "fastapi_orders", project, ignore=shutil.ignore_patterns("__pycache__"))
+    locustfile = project / "locustfile.py"
+    locustfile.write_text(locustfile.read_text() + EVENT_LISTENERS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_ui(run_dir, port, "--app", "orders_api.celery:app", "--locustfile", "locustfile.py", cwd=project,
+                    env=env)
+    try:
+        args = page_template_args(url)
+        assert args["available_user_classes"] == ["Customer"], args["available_user_classes"]
+        assert args["loadlab_selected_user_classes"] == ["Customer"]
+        assert set(get_json(f"{url}/tasks")["per_class"]) == {"Customer"}
+        assert post_form(url, "/swarm", {"user_count": 4, "spawn_rate": 4, "host": "",
+                                         "user_classes": ["Customer"]})["success"]
+        stats = wait_until(lambda: (s := get_json(f"{url}/celery/stats"))["tasks"]["succeeded"] >= 30 and s, 40, 0.2,
+                           "the locustfile's tasks to finish")
+        assert set(ORDERS_TASKS) <= set(stats["by_task"]), stats["by_task"]
+        post_form(url, "/stop")
+        stats = wait_reported(url, 1, timeout=90)
+        report = validate_report(run_dir / "swarm-001" / "report.json")
+        assert_report_is_the_tabs(report, stats)
+        assert report["tasks"]["lost"] == 0 and report["ui"]["user_classes"] == ["Customer"]
+        assert set(ORDERS_TASKS) <= set(report["latency_ms_extra"]["end_to_end_by_task"])
+        requests = {row["name"]: row for row in report["locust"]["by_request"]}
+        for name in ORDERS_TASKS:
+            assert requests[f"publish {name}"]["requests"] > 0 and requests[f"publish {name}"]["failures"] == 0
+        assert report["locust"]["request_failures"] == 0
+        # the ledger counts at least what the users published: a checkout's chain steps come on top
+        assert report["tasks"]["submitted"] >= locust_submissions(run_dir / "swarm-001") > 0, report["ui"]
+    finally:
+        code = stop_ui(proc, run_dir)
+    output = (run_dir / "ui-stdout.log").read_text()
+    assert code == 0, output
+    assert f"report: {run_dir / 'swarm-001' / 'report.html'}\n" in output, output
+    assert (project / "events.log").read_text().splitlines() == [
+        "init LocalRunner web_ui=True", "test_start Customer", "test_stop", "quitting"]
     wait_until(lambda: not processes_mentioning(str(run_dir)), 15, 0.2, "every process of the stack to exit")
 
 

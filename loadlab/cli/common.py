@@ -109,13 +109,14 @@ locustfile_options = settings_options(["locustfile"])
 
 def check_locustfile(settings: Settings, command: str = "run") -> Settings:
     """The --locustfile imported and its User classes found before anything starts (exit 2 with the sentence); the
-    settings with its absolute path, so Locust worker processes find it too. Only ``loadlab run`` takes one: another
-    command given LOADLAB_LOCUSTFILE says so rather than run the scenario's users or the file's unchecked."""
+    settings with its absolute path, so Locust worker processes find it too. Only ``loadlab run`` and ``loadlab ui``
+    take one: another command given LOADLAB_LOCUSTFILE says so rather than run the scenario's users or the file's
+    unchecked."""
     if not settings.locustfile:
         return settings
-    if command != "run":
-        raise UsageError(f"LOADLAB_LOCUSTFILE={settings.locustfile!r} is taken by `loadlab run` only; unset it for "
-                         f"`loadlab {command}`.")
+    if command not in ("run", "ui"):
+        raise UsageError(f"LOADLAB_LOCUSTFILE={settings.locustfile!r} is taken by `loadlab run` and `loadlab ui` "
+                         f"only; unset it for `loadlab {command}`.")
     if settings.tasks:
         raise UsageError(f"--tasks {settings.tasks!r} and --locustfile {settings.locustfile!r} both say what to "
                          "publish; give one of them (a locustfile publishes what its users publish).")

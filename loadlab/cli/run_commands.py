@@ -76,13 +76,14 @@ def run(scenario, out, gates_file, baseline, with_prometheus, **options):
 @stack_options
 @run_options
 @run_queue_options
+@locustfile_options
 @settings_options(["web_port"])
 @click.option("--out", default=None, help="Directory for logs, Locust CSVs and each swarm's report in swarm-NNN/ "
                                           "(default reports/runs/<UTC-timestamp>-ui/)")
 def ui(scenario, out, **options):
-    """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios in the UI; each swarm's
-    report is written when it stops; Ctrl-C stops every process. SCENARIO (default smoke) sets the users and spawn
-    rate the form starts with."""
+    """Start the stack and the Locust web UI (127.0.0.1) with a Celery tab; pick scenarios (or, with --locustfile,
+    your locustfile's users) in the UI; each swarm's report is written when it stops; Ctrl-C stops every process.
+    SCENARIO (default smoke) sets the users and spawn rate the form starts with."""
     patch_for_locust()
     from loadlab.loadtests.scenarios import get_scenario
     from loadlab.loadtests.webui import port_free, serve
