@@ -271,11 +271,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not _TASK_ID_RE.match(task_id):
             raise ApiError(422, f"{_shown(task_id)} is not a task id; task ids are UUIDs such as "
                                 "'3f2b8c1e-9d4a-4e6b-8f7a-2c1d0e9b8a76'.")
-        result = celery_app.AsyncResult(task_id)
         try:
-            state = result.state
+            # The backend's own read, not an AsyncResult: under Celery 5.5 an AsyncResult collected while another
+            # one unsubscribes (its __del__ unsubscribes too) deadlocks on the Redis backend's pubsub connection.
+            meta = celery_app.backend.get_task_meta(task_id)
+            state = meta["status"]
             if state in ("SUCCESS", "FAILURE", "RETRY", "REVOKED"):
-                meta = result._get_task_meta()
                 date_done = meta.get("date_done")
                 return TaskStatus(id=task_id, state=state, result=_jsonable(meta.get("result")),
                                   retries=meta.get("retries"), worker=meta.get("worker"),
