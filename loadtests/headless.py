@@ -15,6 +15,7 @@ from loadlab.loadtests.progress import ProgressLines
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler
 from loadlab.loadtests.runner import LocustRun, completion_listener
 from loadlab.loadtests.scenarios import Scenario, get_scenario
+from loadlab.loadtests.user_locustfile import locustfile_shape
 from loadlab.reports.recorder import Recorder
 from loadlab.stack.tasks import retry_limits
 from loadlab.reports.report import measured_serialization, serialization_totals, write_json
@@ -35,6 +36,10 @@ def execute_run(settings: Settings, run_dir: Path, console: Console, scenario: S
     elif settings.locustfile:  # the scenario gives users, rates and shape; the locustfile's users what they publish
         console.print(f"loadlab run [bold]{scenario.name}[/] with the users of {settings.locustfile} against "
                       f"{settings.app or 'the reference app'}")
+        shape = locustfile_shape(settings)
+        if shape is not None:
+            cap = f"; --duration {settings.duration:g}s caps it" if settings.duration else ""
+            console.print(f"its load shape {type(shape).__name__} decides the users and when the load ends{cap}")
     else:
         console.print(f"loadlab run [bold]{scenario.name}[/]: {scenario.summary}")
     if settings.prometheus:
@@ -92,14 +97,19 @@ def _run_on(stack: Stack, scenario, run_dir: Path, console: Console) -> int:
         lines = ProgressLines(console, settings.progress_interval_s)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                       TimeRemainingColumn(), console=console, transient=False, disable=lines.enabled) as progress:
-            bar = progress.add_task(f"load ({load.users} users, {load.duration_s:g}s)", total=1.0, detail="")
+            if load.locustfile_shape is None:
+                what = f"load ({load.users} users, {load.duration_s:g}s)"
+            else:  # the shape decides the users and the end
+                cap = f", at most {load.duration_s:g}s" if load.duration_s else ""
+                what = f"load (shape {type(load.locustfile_shape).__name__}{cap})"
+            bar = progress.add_task(what, total=1.0 if load.duration_s else None, detail="")
 
-            def tick(fraction: float, stats: dict) -> None:
+            def tick(fraction: float | None, stats: dict) -> None:
                 if prometheus is not None:
                     prometheus.refresh_targets()  # a worker restarted by chaos serves on a new port
                 c = recorder.counts
                 done = c['succeeded'] + c['failed']
-                progress.update(bar, completed=min(1.0, fraction),
+                progress.update(bar, completed=min(1.0, fraction or 0.0),
                                 detail=f"{c['submitted']} sent, {done} done, {recorder.outstanding} in flight")
                 lines.line("load", c["submitted"], done, recorder.outstanding)
 

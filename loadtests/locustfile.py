@@ -17,13 +17,16 @@ from loadlab.config.settings import Settings
 from loadlab.exporters import loadgen_metrics
 from loadlab.loadtests.runner import completion_listener
 from loadlab.loadtests.scenarios import get_scenario
-from loadlab.loadtests.user_locustfile import run_user_classes
+from loadlab.loadtests.user_locustfile import locustfile_shape, run_user_classes
 
 settings = Settings.from_env()
 scenario = get_scenario(settings.scenario)
 for _user_class in run_user_classes(settings, scenario):  # the scenario's, or those of LOADLAB_LOCUSTFILE
     globals()[_user_class.__name__] = _user_class  # Locust discovers module-level User classes
 del _user_class  # else Locust finds the last class twice
+_shape = locustfile_shape(settings)  # the LOADLAB_LOCUSTFILE's own load shape, found by Locust here
+if _shape is not None:
+    globals()[type(_shape).__name__] = type(_shape)
 _recorder = None
 _app = None
 _monitor = None

@@ -16,7 +16,7 @@ from locust.stats import StatsCSVFileWriter, stats_history
 from loadlab.config.settings import Settings
 from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.shapes import shape_for
-from loadlab.loadtests.user_locustfile import run_user_classes
+from loadlab.loadtests.user_locustfile import locustfile_shape, run_user_classes
 from loadlab.stack.embedded import free_port
 from loadlab.stack.processes import Child
 
@@ -43,8 +43,9 @@ class LocustRun:
     def __init__(self, settings: Settings, scenario: Scenario, out_dir: Path):
         self.settings = settings
         self.scenario = scenario
-        shape = None
-        if scenario.shape:
+        # a --locustfile's own load shape decides the users and when the load ends, as under the locust command
+        shape = self.locustfile_shape = locustfile_shape(settings)
+        if shape is None and scenario.shape:
             shape = shape_for(scenario.shape, settings.users or scenario.users, settings.duration or scenario.duration_s,
                               settings.spawn_rate or scenario.spawn_rate)
         # fresh event hooks per run: several runs in one process (sweeps) must not share listeners. A --locustfile
@@ -63,8 +64,17 @@ class LocustRun:
         return self.settings.users or self.scenario.users
 
     @property
-    def duration_s(self) -> float:
+    def duration_s(self) -> float | None:
+        """How long the load runs; with a locustfile's shape, --duration caps it, else the shape ends it (None)."""
+        if self.locustfile_shape is not None:
+            return self.settings.duration
         return self.settings.duration or self.scenario.duration_s
+
+    def _load_over(self, runner) -> bool:
+        """A locustfile's shape ended the load (its tick returned None and the runner stopped)."""
+        from locust.runners import STATE_STOPPED, STATE_STOPPING
+
+        return self.locustfile_shape is not None and runner.state in (STATE_STOPPING, STATE_STOPPED)
 
     def _start_runner(self):
         """A local runner, or a master with ``locust_workers`` worker processes running the same locustfile; a
@@ -114,12 +124,13 @@ class LocustRun:
             runner.start_shape()
         else:
             runner.start(self.users, spawn_rate=self.settings.spawn_rate or self.scenario.spawn_rate)
-        end = time.monotonic() + self.duration_s
+        start = time.monotonic()
+        end = start + self.duration_s if self.duration_s else float("inf")
         try:
-            while time.monotonic() < end:
+            while time.monotonic() < end and not self._load_over(runner):
                 gevent.sleep(min(0.5, max(0.0, end - time.monotonic())))
-                if tick is not None:
-                    tick(1 - (end - time.monotonic()) / self.duration_s, self.stats())
+                if tick is not None:  # a shape that ends the load itself: no fraction known, None
+                    tick((time.monotonic() - start) / self.duration_s if self.duration_s else None, self.stats())
         finally:
             # the load stops here: no user starts another task. Users finishing the one they are in (an API user's
             # status polls, up to STOP_TIMEOUT_S) do not stretch the load's duration, or rates would be understated.

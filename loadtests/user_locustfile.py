@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from locust import User
+from locust import LoadTestShape, User
 
 from loadlab.config.settings import Settings, SettingsError
 from loadlab.loadtests.api import CeleryUser
@@ -69,6 +69,22 @@ def locustfile_user_classes(settings: Settings) -> list[type[User]]:
             raise LocustfileError(f"--locustfile {given!r}: {cls.__name__} has no tasks; give it @task methods, or "
                                   "abstract = True if it is only a base class.")
     return classes
+
+
+def locustfile_shape(settings: Settings) -> LoadTestShape | None:
+    """An instance of the load shape ``settings.locustfile`` defines (a concrete ``LoadTestShape`` subclass, as Locust
+    finds it), or None. Like the locust command, the shape then decides the users and when the load ends. Raises
+    LocustfileError when the file defines more than one (the locust command refuses those too)."""
+    if not settings.locustfile:
+        return None
+    module = _import(Path(settings.locustfile).resolve(), settings.locustfile)
+    shapes = [value for value in vars(module).values()
+              if inspect.isclass(value) and issubclass(value, LoadTestShape) and not getattr(value, "abstract", True)]
+    if len(shapes) > 1:
+        names = ", ".join(cls.__name__ for cls in shapes)
+        raise LocustfileError(f"--locustfile {settings.locustfile!r} defines {len(shapes)} load shapes ({names}); "
+                              "keep one, or mark the others abstract = True.")
+    return shapes[0]() if shapes else None
 
 
 def run_user_classes(settings: Settings, scenario: Scenario) -> list[type[User]]:

@@ -71,7 +71,7 @@ from loadlab.loadtests.class_picker import tick_only
 from loadlab.loadtests.queue_sampler import QueueDepthStats, QueueSampler, one_line
 from loadlab.loadtests.runner import STOP_TIMEOUT_S, completion_listener, locust_section
 from loadlab.loadtests.scenarios import SCENARIOS, Scenario, get_scenario
-from loadlab.loadtests.user_locustfile import run_user_classes
+from loadlab.loadtests.user_locustfile import locustfile_shape, run_user_classes
 from loadlab.loadtests.users import build_user_classes
 from loadlab.reports.recorder import Recorder
 from loadlab.stack.tasks import retry_limits
@@ -133,9 +133,13 @@ def ui_environment(settings: Settings, csv_prefix: str | None = None) -> Environ
     from locust.argument_parser import get_parser
 
     scenario = get_scenario(settings.scenario)
+    shapes = scenario_shape_classes(settings)
     if settings.locustfile:
         available = {cls.__name__: cls for cls in run_user_classes(settings, scenario)}
         default_classes = list(available.values())
+        shape = locustfile_shape(settings)  # offered in the picker's shapes (the picker's form chooses one)
+        if shape is not None:
+            shapes[type(shape).__name__] = shape
     else:
         available = scenario_user_classes(settings)
         prefix = _prefix(scenario) + "_"
@@ -150,7 +154,7 @@ def ui_environment(settings: Settings, csv_prefix: str | None = None) -> Environ
     return Environment(user_classes=default_classes, events=locust_events if settings.locustfile else Events(),
                        host=settings.api_url, stop_timeout=STOP_TIMEOUT_S, parsed_options=options,
                        locustfile=Path(settings.locustfile).name if settings.locustfile else "loadlab ui",
-                       available_user_classes=available, available_shape_classes=scenario_shape_classes(settings),
+                       available_user_classes=available, available_shape_classes=shapes,
                        available_user_tasks={name: cls.tasks for name, cls in available.items()})
 
 

@@ -3,6 +3,7 @@ refused before anything starts, with one sentence naming the file and what to do
 run is in test_example_projects.py, its run from the web UI in test_webui.py)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -18,6 +19,11 @@ LOCUSTFILES = {
     "exits": ("import sys\nsys.exit(3)\n", ["cannot be imported", "SystemExit"]),
     "no-tasks": ("from loadlab.loadtests.api import CeleryUser\n\nclass Shopper(CeleryUser):\n    pass\n",
                  ["Shopper has no tasks", "@task"]),
+    "two-shapes": ("from locust import LoadTestShape, task\nfrom loadlab.loadtests.api import CeleryUser\n\n"
+                   "class Shopper(CeleryUser):\n    @task\n    def buy(self):\n        self.publish('loadlab.noop')\n\n"
+                   "class Ramp(LoadTestShape):\n    def tick(self):\n        return None\n\n"
+                   "class Spike(LoadTestShape):\n    def tick(self):\n        return None\n",
+                   ["defines 2 load shapes (Ramp, Spike)", "abstract = True"]),
 }
 GOOD = ("from locust import task\nfrom loadlab.loadtests.api import CeleryUser\n\n"
         "class Shopper(CeleryUser):\n    @task\n    def buy(self):\n        self.publish('loadlab.noop')\n")
@@ -91,9 +97,19 @@ def on_quitting(environment, **_):
 '''
 
 EVENTS_LOCUSTFILE = EVENT_LISTENERS + '''
-from locust import constant, task
+from locust import LoadTestShape, constant, task
 
 from loadlab.loadtests.api import CeleryUser
+
+
+class TwoSteps(LoadTestShape):
+    """1 user, then 2, then the load ends: the shape, not a duration, ends the run."""
+
+    def tick(self):
+        run_time = self.get_run_time()
+        if run_time < 1.5:
+            return 1, 10
+        return (2, 10) if run_time < 3.0 else None
 
 
 class Pinger(CeleryUser):
@@ -109,17 +125,23 @@ class Pinger(CeleryUser):
 '''
 
 
-def test_a_locustfiles_event_listeners_and_users_see_the_run(tmp_path, run_dir):
+def test_a_locustfiles_event_listeners_users_and_shape_see_the_run(tmp_path, run_dir):
     """Listeners on Locust's module-level events are called as under the locust command, a user has the run's
-    settings and app, and what it publishes is in the ledger and Locust's statistics. A shell's CELERY_BROKER_URL
-    and CELERY_RESULT_BACKEND (which Celery reads before any configuration) do not take the run elsewhere."""
+    settings and app, and what it publishes is in the ledger and Locust's statistics. The file's load shape decides
+    the users and ends the load (no --duration; the scenario's own is 30 s). A shell's CELERY_BROKER_URL and
+    CELERY_RESULT_BACKEND (which Celery reads before any configuration) do not take the run elsewhere."""
     (tmp_path / "pinger.py").write_text(EVENTS_LOCUSTFILE)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_")},
            "CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/1"}
-    result = subprocess.run([LOADLAB, "run", "--locustfile", "pinger.py", "--users", "2", "--duration", "3s",
-                             "--out", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=240)
+    result = subprocess.run([LOADLAB, "run", "--locustfile", "pinger.py", "--out", str(run_dir)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "its load shape TwoSteps decides the users and when the load ends" in result.stdout
+    with open(run_dir / "locust" / "locust_stats_history.csv") as handle:
+        user_counts = [int(row["User Count"]) for row in csv.DictReader(handle)]
+    assert 1 in user_counts and max(user_counts) == 2, user_counts  # the shape's two steps
+    # the shape's None (its 1 s ticks: at 3 to 4 s) ended the load, not the smoke scenario's 30 s
+    assert 2.5 <= json.loads((run_dir / "report.json").read_text())["duration_s"] < 8
     lines = (tmp_path / "events.log").read_text().splitlines()
     assert lines[:2] == ["init LocalRunner web_ui=False", "test_start Pinger"] and lines[-2:] == ["test_stop",
                                                                                                   "quitting"]

@@ -426,16 +426,27 @@ def page_template_args(url: str) -> dict:
     return json.JSONDecoder().raw_decode(page[start:])[0]
 
 
+SHAPE_OF_ITS_OWN = '''
+
+from locust import LoadTestShape
+
+
+class RampOfItsOwn(LoadTestShape):
+    def tick(self):
+        return (2, 2) if self.get_run_time() < 5 else None
+'''
+
+
 @pytest.mark.timeout(180)
 def test_ui_runs_your_own_locustfile(tmp_path, run_dir):
     """``loadlab ui --app orders_api.celery:app --locustfile locustfile.py`` from a copy of examples/fastapi_orders,
-    driven over HTTP: the form offers the file's user class alone, ticked; a swarm of it publishes the app's tasks;
+    driven over HTTP: the form offers the file's user class alone, ticked, and its load shape; a swarm of it publishes the app's tasks;
     its report counts them by their names, adds up and loses none; the file's listeners are told init (with the web
     UI), test_start, test_stop and, on Ctrl-C, quitting, each once."""
     project = tmp_path / "fastapi_orders"
     shutil.copytree(REPO / "examples" / "fastapi_orders", project, ignore=shutil.ignore_patterns("__pycache__"))
     locustfile = project / "locustfile.py"
-    locustfile.write_text(locustfile.read_text() + EVENT_LISTENERS)
+    locustfile.write_text(locustfile.read_text() + EVENT_LISTENERS + SHAPE_OF_ITS_OWN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOADLAB_") and k != "PYTHONPATH"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -445,6 +456,7 @@ def test_ui_runs_your_own_locustfile(tmp_path, run_dir):
         args = page_template_args(url)
         assert args["available_user_classes"] == ["Customer"], args["available_user_classes"]
         assert args["loadlab_selected_user_classes"] == ["Customer"]
+        assert "RampOfItsOwn" in args["available_shape_classes"], args["available_shape_classes"]
         assert set(get_json(f"{url}/tasks")["per_class"]) == {"Customer"}
         assert post_form(url, "/swarm", {"user_count": 4, "spawn_rate": 4, "host": "",
                                          "user_classes": ["Customer"]})["success"]

@@ -120,10 +120,11 @@ def check_locustfile(settings: Settings, command: str = "run") -> Settings:
     if settings.tasks:
         raise UsageError(f"--tasks {settings.tasks!r} and --locustfile {settings.locustfile!r} both say what to "
                          "publish; give one of them (a locustfile publishes what its users publish).")
-    from loadlab.loadtests.user_locustfile import locustfile_user_classes
+    from loadlab.loadtests.user_locustfile import locustfile_shape, locustfile_user_classes
 
     try:
         locustfile_user_classes(settings)
+        locustfile_shape(settings)
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
     return settings.model_copy(update={"locustfile": str(Path(settings.locustfile).resolve())})
