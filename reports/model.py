@@ -369,6 +369,7 @@ class WorkflowStats(Section):
     tasks_mean: float = _figure("count", "Mean tasks per workflow, the root included", ge=0)
     end_to_end_ms: LatencyMs = Field(description="The root's first publish until the last of its workflow's tasks "
                                                  "finished (result stored)")
+    end_to_end_hdr: str | None = Field(None, description="end_to_end_ms's HDR histogram, encoded (merged by sweeps)")
 
 
 class Workflows(WorkflowStats):

@@ -150,7 +150,38 @@ class WorkflowFigures:
         tasks = sum(size * n for size, n in self.sizes.items())
         return {"count": self.count, "tasks_per_workflow": {str(k): v for k, v in sorted(self.sizes.items())},
                 "tasks_mean": round(tasks / self.count, 3) if self.count else 0.0,
-                "end_to_end_ms": histogram_stats_ms(self.end_to_end)}
+                "end_to_end_ms": histogram_stats_ms(self.end_to_end),
+                "end_to_end_hdr": self.end_to_end.encode().decode()}
+
+    @classmethod
+    def from_stats(cls, stats: dict) -> "WorkflowFigures":
+        """The figures back from a report's section (its encoded histogram), to merge reports' workflows."""
+        return cls(count=stats["count"], sizes={int(k): n for k, n in stats["tasks_per_workflow"].items()},
+                   end_to_end=HdrHistogram.decode(stats["end_to_end_hdr"]))
+
+
+def merge_workflow_summaries(summaries: list[dict]) -> dict | None:
+    """One ``workflows`` section for several runs' (a sweep's points): counts summed, histograms merged."""
+    if not summaries:
+        return None
+    by_root: dict[str, WorkflowFigures] = {}
+    children: dict[str, int] = {}
+    for summary in summaries:
+        for name, stats in summary["by_root"].items():
+            by_root.setdefault(name, WorkflowFigures()).merge(WorkflowFigures.from_stats(stats))
+        for name, n in summary["children_by_task"].items():
+            children[name] = children.get(name, 0) + n
+    return workflow_section(by_root, sum(summary["unfinished"] for summary in summaries), children)
+
+
+def workflow_section(by_root: dict[str, WorkflowFigures], unfinished: int, children_by_task: dict[str, int]) -> dict:
+    """The report's ``workflows`` section: over all root task names, and per name."""
+    total = WorkflowFigures()
+    for figures in by_root.values():
+        total.merge(figures)
+    return {**total.stats(), "unfinished": unfinished,
+            "by_root": {name: figures.stats() for name, figures in sorted(by_root.items())},
+            "children_by_task": dict(sorted(children_by_task.items()))}
 
 
 class TimeSeries:
@@ -438,12 +469,7 @@ class Recorder:
         first publish to last finish, over all and per root task name; tasks other tasks published, per name."""
         if not self.workflow_by_root and not self.workflows:
             return None
-        total = WorkflowFigures()
-        for figures in self.workflow_by_root.values():
-            total.merge(figures)
-        return {**total.stats(), "unfinished": len(self.workflows),
-                "by_root": {name: figures.stats() for name, figures in sorted(self.workflow_by_root.items())},
-                "children_by_task": dict(sorted(self.children_by_task.items()))}
+        return workflow_section(self.workflow_by_root, len(self.workflows), self.children_by_task)
 
     def _count_sent(self, sent_at: float) -> None:
         bucket = self._series(sent_at)

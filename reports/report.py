@@ -212,7 +212,7 @@ def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) 
     from their HDR encodings, so percentiles are those of all tasks and not averages of percentiles."""
     from hdrh.histogram import HdrHistogram
 
-    from loadlab.reports.recorder import histogram_stats_ms, new_histogram
+    from loadlab.reports.recorder import histogram_stats_ms, merge_workflow_summaries, new_histogram
 
     first = reports[0]
     tasks = {k: sum(r["tasks"].get(k, 0) for r in reports) for k in first["tasks"]}
@@ -245,6 +245,8 @@ def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) 
         "serialization": [],
         "locust": {k: sum(r["locust"][k] for r in reports) for k in ("requests", "failures", "rps")},
         "verdict": verdict(tasks, all(r.get("drain", {}).get("completed", True) for r in reports)),
+        **({"workflows": workflows} if (workflows := merge_workflow_summaries(
+            [r["workflows"] for r in reports if r.get("workflows")])) else {}),
     }
 
 

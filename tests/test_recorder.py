@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from loadlab.exporters import ledger
-from loadlab.reports.recorder import Recorder
+from loadlab.reports.recorder import Recorder, merge_workflow_summaries
 
 
 def _recorder(**kw):
@@ -286,6 +286,36 @@ def test_a_chain_and_a_group_are_accounted_as_workflows_from_the_roots_first_pub
     assert group["end_to_end_ms"]["max"] == pytest.approx(300.1, rel=0.002)
     assert w["children_by_task"] == {"app.leaf": 3, "app.step": 2}
     assert not r.workflows and not r.members  # finished workflows leave nothing behind
+
+
+def _chain_of_three(r, at: float, last_done: float, root="root"):
+    _sent(r, root, at, name="app.start_chain")
+    _child_sent(r, f"{root}-c1", at + 0.05, root, root)
+    _attempt(r, root, "SUCCESS", at, at + 0.01, at + 0.06, name="app.start_chain")
+    _child_sent(r, f"{root}-c2", at + 0.3, f"{root}-c1", root)
+    _child_done(r, f"{root}-c1", at + 0.05, at + 0.06, at + 0.3, root, root)
+    _child_done(r, f"{root}-c2", at + 0.3, at + 0.31, last_done, f"{root}-c1", root)
+
+
+def test_a_sweeps_points_workflows_merge_as_if_one_run_had_them_all():
+    """merge_reports (a sweep's report) merges each point's workflows from their encoded histograms."""
+    fast, slow, both = _recorder(), _recorder(), _recorder()
+    _chain_of_three(fast, 100.0, 100.4, "a")
+    _chain_of_three(both, 100.0, 100.4, "a")
+    for r in (slow, both):
+        _chain_of_three(r, 200.0, 202.0, "b")
+        _sent(r, "open", 300.0, name="app.start_chain")  # its child never finishes: one unfinished
+        _child_sent(r, "open-c1", 300.05, "open", "open")
+    merged = merge_workflow_summaries([fast.summary()["workflows"], slow.summary()["workflows"]])
+
+    def figures(section):  # what the report shows; the encoded histograms compared through them
+        return {k: figures(v) if isinstance(v, dict) else v for k, v in section.items() if k != "end_to_end_hdr"}
+
+    assert figures(merged) == figures(both.summary()["workflows"])
+    assert merged["count"] == 2 and merged["unfinished"] == 1 and merged["children_by_task"] == {"app.step": 5}
+    chain = merged["by_root"]["app.start_chain"]
+    assert chain["end_to_end_ms"]["max"] == pytest.approx(2000.1, rel=0.002)  # the slow point's, not an average
+    assert chain["end_to_end_ms"]["p50"] == pytest.approx(400.1, rel=0.002) and chain["end_to_end_ms"]["count"] == 2
 
 
 def test_a_workflow_whose_roots_records_come_last_is_not_closed_early():
