@@ -648,7 +648,8 @@ class Recorder:
         """Ask the result backend about tasks the ledger never saw finish (e.g. a worker killed after storing)."""
         for task_id in list(self.pending)[:limit]:
             try:
-                state = app.AsyncResult(task_id).state
+                # the backend's read: an AsyncResult (Celery 5.5) may deadlock collecting another (see stack/api.py)
+                state = app.backend.get_task_meta(task_id)["status"]
             except Exception:  # noqa: BLE001
                 continue
             if state in ("SUCCESS", "FAILURE", "REVOKED"):
