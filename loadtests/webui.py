@@ -527,6 +527,8 @@ class SwarmWindows:
         self._finishers.append(greenlet)
 
     def scenario_of(self, user_classes: list[str], shape: str | None) -> str:
+        if self.settings.locustfile:  # the file's users, whatever their names: a report names the file
+            return f"locustfile:{Path(self.settings.locustfile).name}"
         names = []
         for name in ([shape.removesuffix("Shape") + "_"] if shape else []) + user_classes:
             scenario = self.scenario_names.get(name.split("_", 1)[0], "ui")

@@ -468,6 +468,7 @@ def test_ui_runs_your_own_locustfile(tmp_path, run_dir):
         report = validate_report(run_dir / "swarm-001" / "report.json")
         assert_report_is_the_tabs(report, stats)
         assert report["tasks"]["lost"] == 0 and report["ui"]["user_classes"] == ["Customer"]
+        assert report["scenario"] == "locustfile:locustfile.py"
         assert set(ORDERS_TASKS) <= set(report["latency_ms_extra"]["end_to_end_by_task"])
         requests = {row["name"]: row for row in report["locust"]["by_request"]}
         for name in ORDERS_TASKS:
