@@ -18,7 +18,7 @@ from loadlab.loadtests.scenarios import Scenario
 from loadlab.loadtests.shapes import shape_for
 from loadlab.loadtests.user_locustfile import locustfile_shape, run_user_classes
 from loadlab.stack.embedded import free_port
-from loadlab.stack.processes import Child
+from loadlab.stack.processes import Child, stop_together
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -162,8 +162,7 @@ class LocustRun:
             gevent.sleep(0.1)
 
     def _stop_workers(self) -> None:
-        for child in self.worker_children:
-            child.stop(timeout=5)
+        stop_together([(child, 5) for child in self.worker_children])
 
     def write_final_csv(self) -> None:
         """Rewrites Locust's totals (the periodic writer may have last run up to a second before the stop). Called

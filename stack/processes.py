@@ -56,25 +56,36 @@ class Child:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Polite signal to the leader, then SIGKILL to the whole group (pool children included)."""
-        if self.popen is None:
-            return
-        pgid = self.popen.pid
-        if self.popen.poll() is None:
+        stop_together([(self, timeout)])
+
+    def _signal_stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
             try:
                 self.popen.send_signal(self.stop_signal)
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + timeout
-            while self.popen.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+
+    def _kill_group(self) -> None:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+
+def stop_together(children: list[tuple[Child, float]]) -> None:
+    """Stops children at once: each gets its polite signal, then up to its own timeout to exit, then SIGKILL to its
+    group. A worker's warm shutdown and the exporter's take ~2 s each; side by side they take the longer of the two."""
+    started = [(child, time.monotonic() + timeout) for child, timeout in children if child.popen is not None]
+    for child, _deadline in started:
+        child._signal_stop()
+    for child, deadline in started:
+        while child.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child._kill_group()
 
     def kill(self) -> None:
         if self.popen is not None:

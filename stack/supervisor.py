@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loadlab.config.settings import Settings
 from loadlab.stack import embedded
-from loadlab.stack.processes import Child
+from loadlab.stack.processes import Child, stop_together
 
 
 class StartupError(RuntimeError):
@@ -68,9 +68,10 @@ class Stack:
         self.wait_ready()
 
     def stop(self) -> None:
-        # API first (no new work), then workers (warm shutdown), the broker last.
-        for child in self.children():
-            child.stop(timeout=10 if child in self.workers else 5)
+        # API first (no new work), then workers (warm shutdown) beside Flower and the exporter, the brokers last.
+        stop_together([(self.api, 5)] if self.api else [])
+        stop_together([(c, 10 if c in self.workers else 5) for c in [self.flower, *self.workers, self.exporter] if c])
+        stop_together([(c, 5) for c in [self.redis, self.ledger_redis] if c])
         if self._app is not None:
             try:
                 self._app.close()
