@@ -75,6 +75,10 @@ class Child:
         except subprocess.TimeoutExpired:
             pass
 
+    def kill(self) -> None:
+        if self.popen is not None:
+            self._kill_group()
+
 
 def stop_together(children: list[tuple[Child, float]]) -> None:
     """Stops children at once: each gets its polite signal, then up to its own timeout to exit, then SIGKILL to its
@@ -86,11 +90,3 @@ def stop_together(children: list[tuple[Child, float]]) -> None:
         while child.popen.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         child._kill_group()
-
-    def kill(self) -> None:
-        if self.popen is not None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(timeout=5)
