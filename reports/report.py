@@ -245,8 +245,7 @@ def merge_reports(reports: list[dict], *, scenario: str, settings_masked: dict) 
         "serialization": [],
         "locust": {k: sum(r["locust"][k] for r in reports) for k in ("requests", "failures", "rps")},
         "verdict": verdict(tasks, all(r.get("drain", {}).get("completed", True) for r in reports)),
-        **({"workflows": workflows} if (workflows := merge_workflow_summaries(
-            [r["workflows"] for r in reports if r.get("workflows")])) else {}),
+        "workflows": merge_workflow_summaries([r["workflows"] for r in reports if r.get("workflows")]),
     }
 
 
